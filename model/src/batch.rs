@@ -1,0 +1,172 @@
+//! Host-side input preparation: padding, real-token masks, positions and attention masks.
+//! Built on the host so ids are validated before any tensor exists.
+
+use crate::error::{ModelError, Result};
+
+/// Which side padding goes: right for training, left for generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Padding {
+    Left,
+    Right,
+}
+
+/// Token sequences padded to one length, with the mask of real (non-pad) tokens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenBatch {
+    /// `[batch * seq]`, row-major.
+    pub ids: Vec<u32>,
+    /// `[batch * seq]`, `true` for real tokens.
+    pub mask: Vec<bool>,
+    pub batch: usize,
+    pub seq: usize,
+}
+
+impl TokenBatch {
+    /// Pads `sequences` to the longest with `pad_id`. Empty batches and empty sequences are errors.
+    pub fn new(sequences: &[Vec<u32>], padding: Padding, pad_id: u32) -> Result<Self> {
+        if sequences.is_empty() {
+            return Err(ModelError::Input("empty batch".into()));
+        }
+        if let Some(i) = sequences.iter().position(Vec::is_empty) {
+            return Err(ModelError::Input(format!("sequence {i} has no tokens")));
+        }
+        let seq = sequences.iter().map(Vec::len).max().unwrap_or(0);
+        let mut ids = Vec::with_capacity(sequences.len() * seq);
+        let mut mask = Vec::with_capacity(sequences.len() * seq);
+        for s in sequences {
+            let pad = seq - s.len();
+            let pads = std::iter::repeat_n((pad_id, false), pad);
+            let real = s.iter().map(|&t| (t, true));
+            let row: Vec<(u32, bool)> = match padding {
+                Padding::Left => pads.chain(real).collect(),
+                Padding::Right => real.chain(pads).collect(),
+            };
+            for (t, m) in row {
+                ids.push(t);
+                mask.push(m);
+            }
+        }
+        Ok(Self {
+            ids,
+            mask,
+            batch: sequences.len(),
+            seq,
+        })
+    }
+
+    /// One new token per sequence (a decoding step); `None` feeds a masked pad for a
+    /// sequence that has finished.
+    pub fn step(tokens: &[Option<u32>], pad_id: u32) -> Result<Self> {
+        if tokens.is_empty() {
+            return Err(ModelError::Input("empty batch".into()));
+        }
+        Ok(Self {
+            ids: tokens.iter().map(|t| t.unwrap_or(pad_id)).collect(),
+            mask: tokens.iter().map(Option::is_some).collect(),
+            batch: tokens.len(),
+            seq: 1,
+        })
+    }
+
+    /// Number of real tokens in each sequence.
+    pub fn lengths(&self) -> Vec<usize> {
+        self.mask
+            .chunks(self.seq)
+            .map(|row| row.iter().filter(|&&m| m).count())
+            .collect()
+    }
+}
+
+/// Positions and the attention mask of one forward call, given what is already cached.
+pub(crate) struct AttentionPlan {
+    /// `[batch * seq]` RoPE positions.
+    pub positions: Vec<f32>,
+    /// `[batch * seq * (past + seq)]`, `true` where attention is blocked.
+    pub blocked: Vec<bool>,
+    pub keys: usize,
+}
+
+/// `past_valid[b]` marks which cached keys of sequence `b` are real; `next_pos[b]` is the
+/// position of its next real token. A query sees earlier real keys and always itself, so a
+/// pad row never has an empty softmax.
+pub(crate) fn plan(batch: &TokenBatch, past_valid: &[Vec<bool>], next_pos: &[usize]) -> AttentionPlan {
+    let (b, s) = (batch.batch, batch.seq);
+    let past = past_valid.first().map_or(0, Vec::len);
+    let keys = past + s;
+    let mut positions = Vec::with_capacity(b * s);
+    let mut blocked = Vec::with_capacity(b * s * keys);
+    for bi in 0..b {
+        let row = &batch.mask[bi * s..(bi + 1) * s];
+        let mut pos = next_pos.get(bi).copied().unwrap_or(0);
+        for (i, &real) in row.iter().enumerate() {
+            positions.push(pos as f32);
+            if real {
+                pos += 1;
+            }
+            let query = past + i;
+            for key in 0..keys {
+                let key_real = if key < past {
+                    past_valid[bi][key]
+                } else {
+                    row[key - past]
+                };
+                let allowed = key == query || (key < query && key_real);
+                blocked.push(!allowed);
+            }
+        }
+    }
+    AttentionPlan {
+        positions,
+        blocked,
+        keys,
+    }
+}
+
+/// `cos` and `sin` tables `[batch * seq * head_dim]` in HF's layout (`cat(freqs, freqs)`),
+/// computed in f32 the way transformers does.
+pub(crate) fn rope_tables(positions: &[f32], head_dim: usize, theta: f64) -> (Vec<f32>, Vec<f32>) {
+    let half = head_dim / 2;
+    let base = theta as f32;
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|i| 1.0 / base.powf((2 * i) as f32 / head_dim as f32))
+        .collect();
+    let mut cos = Vec::with_capacity(positions.len() * head_dim);
+    let mut sin = Vec::with_capacity(positions.len() * head_dim);
+    for &p in positions {
+        for j in 0..head_dim {
+            let angle = p * inv_freq[j % half];
+            cos.push(angle.cos());
+            sin.push(angle.sin());
+        }
+    }
+    (cos, sin)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pads_left_and_right() {
+        let seqs = vec![vec![1, 2, 3], vec![4]];
+        let l = TokenBatch::new(&seqs, Padding::Left, 0).unwrap();
+        assert_eq!(l.ids, vec![1, 2, 3, 0, 0, 4]);
+        assert_eq!(l.mask, vec![true, true, true, false, false, true]);
+        let r = TokenBatch::new(&seqs, Padding::Right, 0).unwrap();
+        assert_eq!(r.ids, vec![1, 2, 3, 4, 0, 0]);
+        assert_eq!(r.lengths(), vec![3, 1]);
+        assert!(TokenBatch::new(&[], Padding::Left, 0).is_err());
+        assert!(TokenBatch::new(&[vec![]], Padding::Left, 0).is_err());
+    }
+
+    #[test]
+    fn left_padded_positions_start_at_zero_and_pads_are_blocked() {
+        let batch = TokenBatch::new(&[vec![7], vec![1, 2]], Padding::Left, 0).unwrap();
+        let p = plan(&batch, &[vec![], vec![]], &[0, 0]);
+        assert_eq!(p.positions, vec![0.0, 0.0, 0.0, 1.0]);
+        // sequence 0: pad query sees only itself; real query sees itself, not the pad.
+        assert_eq!(&p.blocked[0..4], &[false, true, true, false]);
+        // sequence 1: causal.
+        assert_eq!(&p.blocked[4..8], &[false, true, false, false]);
+    }
+}

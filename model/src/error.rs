@@ -1,0 +1,68 @@
+//! One error type for the crate; every variant names the thing that was wrong.
+
+use std::path::PathBuf;
+
+/// Errors from loading, validating and running a model.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: invalid JSON: {source}")]
+    Json {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("config: field `{field}`: {reason}")]
+    Config { field: String, reason: String },
+    #[error("unknown preset `{0}` (known: {1})")]
+    UnknownPreset(String, String),
+    #[error("{path}: not a valid safetensors file: {reason}")]
+    Safetensors { path: PathBuf, reason: String },
+    #[error("weights: tensor `{name}` is missing (looked in {place})")]
+    MissingTensor { name: String, place: String },
+    #[error("weights: tensor `{name}` has shape {found:?}, expected {expected:?}")]
+    TensorShape {
+        name: String,
+        found: Vec<usize>,
+        expected: Vec<usize>,
+    },
+    #[error("weights: tensor `{name}` has unsupported dtype {dtype}")]
+    TensorDtype { name: String, dtype: String },
+    #[error("input: token id {id} at sequence {sequence}, position {position} is out of range (vocab size {vocab})")]
+    TokenOutOfRange {
+        id: u32,
+        sequence: usize,
+        position: usize,
+        vocab: usize,
+    },
+    #[error("input: {0}")]
+    Input(String),
+    #[error("tokenizer {path}: {reason}")]
+    Tokenizer { path: PathBuf, reason: String },
+    #[error("chat template: {0}")]
+    Template(String),
+    #[error("device: {0}")]
+    Device(String),
+}
+
+pub type Result<T, E = ModelError> = std::result::Result<T, E>;
+
+impl ModelError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.into(),
+            source,
+        }
+    }
+    pub(crate) fn config(field: &str, reason: impl Into<String>) -> Self {
+        Self::Config {
+            field: field.to_string(),
+            reason: reason.into(),
+        }
+    }
+}

@@ -1,0 +1,50 @@
+//! # thinkjson-model
+//!
+//! The Qwen2/Llama-family decoder every other thinkjson stage runs on, written against burn's
+//! `Backend` so one model serves CPU (Flex) and CUDA. It reads and writes Hugging Face
+//! formats: `config.json` (transformers v4 and v5), safetensors (f32/f16/bf16, single or
+//! sharded), `tokenizer.json` and the Jinja `chat_template` of `tokenizer_config.json`.
+//!
+//! Key types: [`ModelConfig`], [`CausalLm`], [`TokenBatch`], [`KvCache`], [`Tokenizer`],
+//! [`ChatTemplate`], [`DeviceSpec`].
+//!
+//! The usage loop:
+//! 1. load a config and weights — [`CausalLm::from_pretrained`] (or [`CausalLm::random`]);
+//! 2. render a conversation with [`ChatTemplate`] and encode it with [`Tokenizer`];
+//! 3. pad ids into a [`TokenBatch`] and call [`CausalLm::forward`] for logits,
+//!    [`CausalLm::forward_cached`] step by step with a [`KvCache`] to generate, or
+//!    [`CausalLm::token_logprobs`] for training losses.
+//!
+//! ```
+//! use thinkjson_model::{CausalLm, CpuBackend, ModelConfig, Padding, TokenBatch};
+//! let config = ModelConfig::preset("tiny")?.with_vocab_size(64);
+//! let model = CausalLm::<CpuBackend>::random(&config, 7, &Default::default())?;
+//! let batch = TokenBatch::new(&[vec![1, 2, 3], vec![4, 5]], Padding::Right, 0)?;
+//! let logits = model.forward(&batch)?;
+//! assert_eq!(logits.dims(), [2, 3, 64]);
+//! # Ok::<(), thinkjson_model::ModelError>(())
+//! ```
+
+mod batch;
+mod chat;
+mod config;
+mod device;
+mod error;
+mod layers;
+mod model;
+mod tokenizer;
+mod weights;
+
+pub use batch::{Padding, TokenBatch};
+pub use chat::{ChatMessage, ChatTemplate};
+pub use config::{Architecture, ModelConfig, StorageDtype, PRESETS};
+pub use device::{probe_cuda, CpuBackend, CpuTrainBackend, DeviceSpec};
+#[cfg(feature = "cuda")]
+pub use device::{CudaBackend, CudaBf16Backend};
+pub use error::{ModelError, Result};
+pub use model::{CausalLm, KvCache};
+pub use tokenizer::{SpecialTokens, Tokenizer};
+pub use weights::write_atomic;
+
+/// Re-exported so dependants name the same burn.
+pub use burn;

@@ -1,0 +1,342 @@
+//! [`CausalLm`]: the Qwen2/Llama decoder with its forward modes.
+
+use std::path::Path;
+
+use burn::module::{Module, Param};
+use burn::nn::{Embedding, Linear};
+use burn::tensor::activation::log_softmax;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Bool, Int, Tensor, TensorData};
+
+use crate::batch::{plan, rope_tables, TokenBatch};
+use crate::config::{ModelConfig, StorageDtype};
+use crate::error::{ModelError, Result};
+use crate::layers::{Attention, DecoderLayer, LayerCache, Mlp, Rope, RmsNorm};
+use crate::weights::{transpose, write_atomic, write_safetensors, HfTensor, RandomSource, SafetensorsSource, WeightSource};
+
+/// A decoder-only language model (`Qwen2ForCausalLM` / `LlamaForCausalLM`).
+#[derive(Module, Debug)]
+pub struct CausalLm<B: Backend> {
+    pub embed_tokens: Embedding<B>,
+    pub layers: Vec<DecoderLayer<B>>,
+    pub norm: RmsNorm<B>,
+    /// `None` when the head is tied to the embeddings.
+    pub lm_head: Option<Linear<B>>,
+    #[module(skip)]
+    config: ModelConfig,
+}
+
+/// Keys and values of every layer plus, per sequence, which cached keys are real and the
+/// next position — enough to continue a left-padded batch one token at a time.
+#[derive(Debug, Clone)]
+pub struct KvCache<B: Backend> {
+    layers: Vec<LayerCache<B>>,
+    valid: Vec<Vec<bool>>,
+    next_pos: Vec<usize>,
+}
+
+impl<B: Backend> KvCache<B> {
+    pub fn new(batch: usize, num_layers: usize) -> Self {
+        Self {
+            layers: vec![None; num_layers],
+            valid: vec![Vec::new(); batch],
+            next_pos: vec![0; batch],
+        }
+    }
+    /// Cached positions (the same for every sequence; pads included).
+    pub fn len(&self) -> usize {
+        self.valid.first().map_or(0, Vec::len)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn batch(&self) -> usize {
+        self.valid.len()
+    }
+}
+
+impl<B: Backend> CausalLm<B> {
+    /// Random weights from a seed (N(0, 0.02), like transformers' `initializer_range`).
+    pub fn random(config: &ModelConfig, seed: u64, device: &B::Device) -> Result<Self> {
+        Self::build(config, &mut RandomSource::new(seed, 0.02)?, device)
+    }
+
+    /// Loads a Hugging Face model directory: `config.json` plus `model.safetensors` or a
+    /// sharded `model.safetensors.index.json` (f32, f16 or bf16; cast to the backend's dtype).
+    pub fn from_pretrained(dir: &Path, device: &B::Device) -> Result<Self> {
+        let config = ModelConfig::from_file(dir)?;
+        Self::from_safetensors(&config, dir, device)
+    }
+
+    /// Like [`CausalLm::from_pretrained`] with a config given by the caller.
+    pub fn from_safetensors(config: &ModelConfig, dir: &Path, device: &B::Device) -> Result<Self> {
+        // A tied checkpoint that still carries `lm_head.weight` is fine: the embeddings win.
+        Self::build(config, &mut SafetensorsSource::open(dir)?, device)
+    }
+
+    fn build(config: &ModelConfig, src: &mut dyn WeightSource, device: &B::Device) -> Result<Self> {
+        let c = config;
+        let (h, d) = (c.hidden_size, c.head_dim);
+        let embed = src.fetch("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let embed_tokens = Embedding {
+            weight: Param::from_tensor(tensor2(embed, [c.vocab_size, h], device)),
+        };
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let bias = c.attention_bias;
+            let self_attn = Attention {
+                q_proj: linear(src, &format!("{p}.self_attn.q_proj"), h, c.num_attention_heads * d, bias, device)?,
+                k_proj: linear(src, &format!("{p}.self_attn.k_proj"), h, c.num_key_value_heads * d, bias, device)?,
+                v_proj: linear(src, &format!("{p}.self_attn.v_proj"), h, c.num_key_value_heads * d, bias, device)?,
+                o_proj: linear(src, &format!("{p}.self_attn.o_proj"), c.num_attention_heads * d, h, false, device)?,
+                num_heads: c.num_attention_heads,
+                num_kv_heads: c.num_key_value_heads,
+                head_dim: d,
+            };
+            let mlp = Mlp {
+                gate_proj: linear(src, &format!("{p}.mlp.gate_proj"), h, c.intermediate_size, false, device)?,
+                up_proj: linear(src, &format!("{p}.mlp.up_proj"), h, c.intermediate_size, false, device)?,
+                down_proj: linear(src, &format!("{p}.mlp.down_proj"), c.intermediate_size, h, false, device)?,
+            };
+            layers.push(DecoderLayer {
+                input_layernorm: norm(src, &format!("{p}.input_layernorm"), h, c.rms_norm_eps, device)?,
+                self_attn,
+                post_attention_layernorm: norm(src, &format!("{p}.post_attention_layernorm"), h, c.rms_norm_eps, device)?,
+                mlp,
+            });
+        }
+        let final_norm = norm(src, "model.norm", h, c.rms_norm_eps, device)?;
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            Some(linear(src, "lm_head", h, c.vocab_size, false, device)?)
+        };
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm: final_norm,
+            lm_head,
+            config: c.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn device(&self) -> B::Device {
+        self.embed_tokens.weight.val().device()
+    }
+
+    /// Logits `[batch, seq, vocab]` for every position of a padded batch (either side).
+    /// Real tokens never attend to pads; their positions count real tokens only.
+    pub fn forward(&self, batch: &TokenBatch) -> Result<Tensor<B, 3>> {
+        Ok(self.logits(self.hidden_states(batch)?))
+    }
+
+    /// Final-norm hidden states `[batch, seq, hidden]`.
+    pub fn hidden_states(&self, batch: &TokenBatch) -> Result<Tensor<B, 3>> {
+        let empty = vec![Vec::new(); batch.batch];
+        let next = vec![0; batch.batch];
+        self.run(batch, &empty, &next, None)
+    }
+
+    /// Incremental decoding: feeds `batch` (a left-padded prompt, then one token per step)
+    /// after what `cache` holds and returns the logits of the new positions.
+    pub fn forward_cached(&self, batch: &TokenBatch, cache: &mut KvCache<B>) -> Result<Tensor<B, 3>> {
+        Ok(self.logits(self.hidden_cached(batch, cache)?))
+    }
+
+    /// [`CausalLm::forward_cached`] without the vocabulary projection, so a caller can take
+    /// the logits of the last position only.
+    pub fn hidden_cached(&self, batch: &TokenBatch, cache: &mut KvCache<B>) -> Result<Tensor<B, 3>> {
+        if cache.batch() != batch.batch || cache.layers.len() != self.layers.len() {
+            return Err(ModelError::Input(format!(
+                "cache holds {} sequences × {} layers, input has {} sequences",
+                cache.batch(),
+                cache.layers.len(),
+                batch.batch
+            )));
+        }
+        let past_valid = std::mem::take(&mut cache.valid);
+        let next_pos = cache.next_pos.clone();
+        let mut layer_caches = std::mem::take(&mut cache.layers);
+        let out = self.run(batch, &past_valid, &next_pos, Some(&mut layer_caches));
+        cache.layers = layer_caches;
+        cache.valid = past_valid;
+        let hidden = out?;
+        for (bi, row) in batch.mask.chunks(batch.seq).enumerate() {
+            cache.valid[bi].extend_from_slice(row);
+            cache.next_pos[bi] += row.iter().filter(|&&m| m).count();
+        }
+        Ok(hidden)
+    }
+
+    /// Log-probability of `targets[b * seq + t]` at each position `t`, `[batch, seq]`,
+    /// computed `chunk` positions at a time so no full `[batch, seq, vocab]` tensor is kept.
+    pub fn token_logprobs(&self, batch: &TokenBatch, targets: &[u32], chunk: usize) -> Result<Tensor<B, 2>> {
+        if targets.len() != batch.ids.len() {
+            return Err(ModelError::Input(format!(
+                "{} targets for {} input positions",
+                targets.len(),
+                batch.ids.len()
+            )));
+        }
+        for (i, &t) in targets.iter().enumerate() {
+            self.config.check_token(t, i / batch.seq, i % batch.seq)?;
+        }
+        let hidden = self.hidden_states(batch)?;
+        let device = hidden.device();
+        let targets = Tensor::<B, 2, Int>::from_data(
+            TensorData::new(targets.iter().map(|&t| t as i64).collect(), [batch.batch, batch.seq]),
+            &device,
+        );
+        let (b, s) = (batch.batch, batch.seq);
+        let chunk = chunk.max(1);
+        let mut parts = Vec::with_capacity(s.div_ceil(chunk));
+        for start in (0..s).step_by(chunk) {
+            let end = (start + chunk).min(s);
+            let h = hidden.clone().slice([0..b, start..end]);
+            let t = targets.clone().slice([0..b, start..end]).unsqueeze_dim::<3>(2);
+            let lp = log_softmax(self.logits(h), 2).gather(2, t);
+            parts.push(lp.squeeze_dim::<2>(2));
+        }
+        Ok(Tensor::cat(parts, 1))
+    }
+
+    /// Projects hidden states to vocabulary logits.
+    pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => hidden.matmul(self.embed_tokens.weight.val().transpose().unsqueeze::<3>()),
+        }
+    }
+
+    fn run(
+        &self,
+        batch: &TokenBatch,
+        past_valid: &[Vec<bool>],
+        next_pos: &[usize],
+        mut caches: Option<&mut Vec<LayerCache<B>>>,
+    ) -> Result<Tensor<B, 3>> {
+        for (i, &id) in batch.ids.iter().enumerate() {
+            self.config.check_token(id, i / batch.seq, i % batch.seq)?;
+        }
+        let device = self.device();
+        let (b, s, d) = (batch.batch, batch.seq, self.config.head_dim);
+        let plan = plan(batch, past_valid, next_pos);
+        let (cos, sin) = rope_tables(&plan.positions, d, self.config.rope_theta);
+        let rope = Rope {
+            cos: Tensor::from_data(TensorData::new(cos, [b, 1, s, d]), &device),
+            sin: Tensor::from_data(TensorData::new(sin, [b, 1, s, d]), &device),
+        };
+        let mask = Tensor::<B, 4, Bool>::from_data(TensorData::new(plan.blocked, [b, 1, s, plan.keys]), &device);
+        let ids = Tensor::<B, 2, Int>::from_data(
+            TensorData::new(batch.ids.iter().map(|&t| t as i64).collect(), [b, s]),
+            &device,
+        );
+        let mut x = self.embed_tokens.forward(ids);
+        for (i, layer) in self.layers.iter().enumerate() {
+            let slot = caches.as_deref_mut().and_then(|c| c.get_mut(i));
+            x = layer.forward(x, &rope, &mask, slot);
+        }
+        Ok(self.norm.forward(x))
+    }
+
+    /// Saves `config.json` and `model.safetensors` in Hugging Face layout, atomically, so
+    /// `transformers.AutoModelForCausalLM.from_pretrained(dir)` loads them.
+    pub fn save_pretrained(&self, dir: &Path, dtype: StorageDtype) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+        let tensors = self.hf_tensors()?;
+        write_safetensors(dir, &tensors, dtype)?;
+        let config = ModelConfig {
+            dtype,
+            ..self.config.clone()
+        };
+        let text = serde_json::to_string_pretty(&config.to_hf_value())
+            .map_err(|e| ModelError::Input(format!("config.json: {e}")))?;
+        write_atomic(&dir.join("config.json"), text.as_bytes())
+    }
+
+    fn hf_tensors(&self) -> Result<Vec<HfTensor>> {
+        let mut out = Vec::new();
+        out.push(host_tensor("model.embed_tokens.weight", self.embed_tokens.weight.val())?);
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            let a = &l.self_attn;
+            for (name, lin) in [("q_proj", &a.q_proj), ("k_proj", &a.k_proj), ("v_proj", &a.v_proj), ("o_proj", &a.o_proj)] {
+                push_linear(&mut out, &format!("{p}.self_attn.{name}"), lin)?;
+            }
+            for (name, lin) in [("gate_proj", &l.mlp.gate_proj), ("up_proj", &l.mlp.up_proj), ("down_proj", &l.mlp.down_proj)] {
+                push_linear(&mut out, &format!("{p}.mlp.{name}"), lin)?;
+            }
+            out.push(host_tensor(&format!("{p}.input_layernorm.weight"), l.input_layernorm.weight.val())?);
+            out.push(host_tensor(&format!("{p}.post_attention_layernorm.weight"), l.post_attention_layernorm.weight.val())?);
+        }
+        out.push(host_tensor("model.norm.weight", self.norm.weight.val())?);
+        if let Some(head) = &self.lm_head {
+            push_linear(&mut out, "lm_head", head)?;
+        }
+        Ok(out)
+    }
+}
+
+fn tensor2<B: Backend>(values: Vec<f32>, shape: [usize; 2], device: &B::Device) -> Tensor<B, 2> {
+    Tensor::from_data(TensorData::new(values, shape), device)
+}
+
+fn linear<B: Backend>(
+    src: &mut dyn WeightSource,
+    name: &str,
+    d_in: usize,
+    d_out: usize,
+    bias: bool,
+    device: &B::Device,
+) -> Result<Linear<B>> {
+    let w = src.fetch(&format!("{name}.weight"), &[d_out, d_in])?;
+    let weight = tensor2(transpose(&w, d_out, d_in), [d_in, d_out], device);
+    let bias = if bias {
+        let b = src.fetch(&format!("{name}.bias"), &[d_out])?;
+        Some(Param::from_tensor(Tensor::from_data(TensorData::new(b, [d_out]), device)))
+    } else {
+        None
+    };
+    Ok(Linear {
+        weight: Param::from_tensor(weight),
+        bias,
+    })
+}
+
+fn norm<B: Backend>(src: &mut dyn WeightSource, name: &str, size: usize, eps: f64, device: &B::Device) -> Result<RmsNorm<B>> {
+    let w = src.fetch(&format!("{name}.weight"), &[size])?;
+    Ok(RmsNorm::new(Tensor::from_data(TensorData::new(w, [size]), device), eps))
+}
+
+fn host_tensor<B: Backend, const D: usize>(name: &str, t: Tensor<B, D>) -> Result<HfTensor> {
+    let shape = t.dims().to_vec();
+    let values = t
+        .into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .map_err(|e| ModelError::Input(format!("{name}: cannot read tensor back: {e:?}")))?;
+    Ok(HfTensor {
+        name: name.to_string(),
+        shape,
+        values,
+    })
+}
+
+fn push_linear<B: Backend>(out: &mut Vec<HfTensor>, name: &str, lin: &Linear<B>) -> Result<()> {
+    let w = host_tensor(&format!("{name}.weight"), lin.weight.val())?;
+    let (d_in, d_out) = (w.shape[0], w.shape[1]);
+    out.push(HfTensor {
+        name: w.name,
+        shape: vec![d_out, d_in],
+        values: transpose(&w.values, d_in, d_out),
+    });
+    if let Some(b) = &lin.bias {
+        out.push(host_tensor(&format!("{name}.bias"), b.val())?);
+    }
+    Ok(())
+}

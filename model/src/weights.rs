@@ -1,0 +1,236 @@
+//! Weight sources (HF safetensors, single or sharded; seeded random init) and the HF-layout writer.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Normal};
+use safetensors::{Dtype, SafeTensors};
+
+use crate::config::StorageDtype;
+use crate::error::{ModelError, Result};
+
+/// Supplies tensors by HF name in HF layout, as f32.
+pub(crate) trait WeightSource {
+    fn fetch(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>>;
+}
+
+/// Seeded random initialisation: N(0, `std`) for matrices, ones for norms, zeros for biases.
+pub(crate) struct RandomSource {
+    rng: ChaCha8Rng,
+    normal: Normal<f32>,
+}
+
+impl RandomSource {
+    pub(crate) fn new(seed: u64, std: f32) -> Result<Self> {
+        let normal = Normal::new(0.0, std)
+            .map_err(|e| ModelError::Input(format!("init std {std}: {e}")))?;
+        Ok(Self {
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            normal,
+        })
+    }
+}
+
+impl WeightSource for RandomSource {
+    fn fetch(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let n: usize = shape.iter().product();
+        Ok(if name.ends_with("norm.weight") {
+            vec![1.0; n]
+        } else if name.ends_with(".bias") {
+            vec![0.0; n]
+        } else {
+            (0..n).map(|_| self.normal.sample(&mut self.rng)).collect()
+        })
+    }
+}
+
+/// Tensors from `model.safetensors` or a sharded `model.safetensors.index.json`.
+pub(crate) struct SafetensorsSource {
+    /// Tensor name → file holding it; `None` means the single-file layout.
+    index: Option<HashMap<String, PathBuf>>,
+    single: PathBuf,
+    loaded: HashMap<PathBuf, Vec<u8>>,
+}
+
+impl SafetensorsSource {
+    pub(crate) fn open(dir: &Path) -> Result<Self> {
+        let index_path = dir.join("model.safetensors.index.json");
+        let single = dir.join("model.safetensors");
+        if index_path.exists() {
+            let text = std::fs::read_to_string(&index_path).map_err(|e| ModelError::io(&index_path, e))?;
+            let v: serde_json::Value = serde_json::from_str(&text).map_err(|source| ModelError::Json {
+                path: index_path.clone(),
+                source,
+            })?;
+            let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
+                ModelError::Safetensors {
+                    path: index_path.clone(),
+                    reason: "no `weight_map` object".into(),
+                }
+            })?;
+            let mut index = HashMap::new();
+            for (name, file) in map {
+                let file = file.as_str().ok_or_else(|| ModelError::Safetensors {
+                    path: index_path.clone(),
+                    reason: format!("weight_map entry `{name}` is not a file name"),
+                })?;
+                index.insert(name.clone(), dir.join(file));
+            }
+            Ok(Self {
+                index: Some(index),
+                single,
+                loaded: HashMap::new(),
+            })
+        } else if single.exists() {
+            Ok(Self {
+                index: None,
+                single,
+                loaded: HashMap::new(),
+            })
+        } else {
+            Err(ModelError::io(
+                &single,
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "neither model.safetensors nor model.safetensors.index.json exists",
+                ),
+            ))
+        }
+    }
+
+    fn file_for(&self, name: &str) -> Result<PathBuf> {
+        match &self.index {
+            None => Ok(self.single.clone()),
+            Some(index) => index.get(name).cloned().ok_or_else(|| ModelError::MissingTensor {
+                name: name.to_string(),
+                place: "model.safetensors.index.json".into(),
+            }),
+        }
+    }
+
+    fn bytes(&mut self, path: &Path) -> Result<&[u8]> {
+        if !self.loaded.contains_key(path) {
+            let data = std::fs::read(path).map_err(|e| ModelError::io(path, e))?;
+            self.loaded.insert(path.to_path_buf(), data);
+        }
+        Ok(self.loaded.get(path).map(Vec::as_slice).unwrap_or(&[]))
+    }
+}
+
+fn parse<'a>(path: &Path, bytes: &'a [u8]) -> Result<SafeTensors<'a>> {
+    SafeTensors::deserialize(bytes).map_err(|e| ModelError::Safetensors {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
+impl WeightSource for SafetensorsSource {
+    fn fetch(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let path = self.file_for(name)?;
+        let bytes = self.bytes(&path)?;
+        let st = parse(&path, bytes)?;
+        let view = st.tensor(name).map_err(|_| ModelError::MissingTensor {
+            name: name.to_string(),
+            place: path.display().to_string(),
+        })?;
+        if view.shape() != shape {
+            return Err(ModelError::TensorShape {
+                name: name.to_string(),
+                found: view.shape().to_vec(),
+                expected: shape.to_vec(),
+            });
+        }
+        let data = view.data();
+        let values = match view.dtype() {
+            Dtype::F32 => data
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            Dtype::BF16 => data
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            Dtype::F16 => data
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            other => {
+                return Err(ModelError::TensorDtype {
+                    name: name.to_string(),
+                    dtype: format!("{other:?}"),
+                })
+            }
+        };
+        Ok(values)
+    }
+}
+
+/// One tensor ready to be written: HF name, HF shape, f32 values in HF layout.
+pub(crate) struct HfTensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub values: Vec<f32>,
+}
+
+/// Writes `model.safetensors` (metadata `format=pt`) atomically: temp file, then rename.
+pub(crate) fn write_safetensors(dir: &Path, tensors: &[HfTensor], dtype: StorageDtype) -> Result<()> {
+    let encoded: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|t| {
+            let (dt, bytes): (Dtype, Vec<u8>) = match dtype {
+                StorageDtype::Float32 => (Dtype::F32, t.values.iter().flat_map(|v| v.to_le_bytes()).collect()),
+                StorageDtype::Bfloat16 => (
+                    Dtype::BF16,
+                    t.values.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect(),
+                ),
+                StorageDtype::Float16 => (
+                    Dtype::F16,
+                    t.values.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect(),
+                ),
+            };
+            (t.name.clone(), dt, t.shape.clone(), bytes)
+        })
+        .collect();
+    let mut views = Vec::with_capacity(encoded.len());
+    for (name, dt, shape, bytes) in &encoded {
+        let view = safetensors::tensor::TensorView::new(*dt, shape.clone(), bytes).map_err(|e| {
+            ModelError::Safetensors {
+                path: dir.join("model.safetensors"),
+                reason: format!("{name}: {e}"),
+            }
+        })?;
+        views.push((name.as_str(), view));
+    }
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let final_path = dir.join("model.safetensors");
+    let tmp = dir.join(".model.safetensors.tmp");
+    safetensors::serialize_to_file(views, Some(metadata), &tmp).map_err(|e| ModelError::Safetensors {
+        path: tmp.clone(),
+        reason: e.to_string(),
+    })?;
+    std::fs::rename(&tmp, &final_path).map_err(|e| ModelError::io(&final_path, e))
+}
+
+/// Writes `contents` to `path` through a temp file and a rename, so readers never see half a file.
+pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into());
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    std::fs::write(&tmp, contents).map_err(|e| ModelError::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| ModelError::io(path, e))
+}
+
+/// `[rows, cols]` → `[cols, rows]` (HF `[out, in]` ↔ burn `[in, out]`).
+pub(crate) fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0; values.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = values[r * cols + c];
+        }
+    }
+    out
+}

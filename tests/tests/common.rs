@@ -1,0 +1,42 @@
+//! Shared helpers for the integration tests (included with `mod common;`).
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use serde_json::Value;
+use thinkjson_model::burn::tensor::{backend::Backend, Tensor};
+
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures")
+}
+
+pub fn assets() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../assets")
+}
+
+pub fn read_json(path: &std::path::Path) -> Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+pub fn ids(v: &Value) -> Vec<Vec<u32>> {
+    serde_json::from_value(v.clone()).expect("list of id lists")
+}
+
+pub fn floats3(v: &Value) -> Vec<Vec<Vec<f32>>> {
+    serde_json::from_value(v.clone()).expect("3-d float list")
+}
+
+pub fn floats2(v: &Value) -> Vec<Vec<f32>> {
+    serde_json::from_value(v.clone()).expect("2-d float list")
+}
+
+pub fn to_vec<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().to_vec::<f32>().expect("f32 data")
+}
+
+/// Largest |a - b| over two slices of equal length.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}

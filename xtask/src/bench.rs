@@ -1,0 +1,164 @@
+//! `cargo xtask bench`: throughput figures written as JSON (`bench.json` by default).
+//! Timings are reported, never asserted.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use clap::Args;
+use serde::Serialize;
+use thinkjson_model::burn::tensor::backend::{AutodiffBackend, Backend};
+use thinkjson_model::{CausalLm, CpuBackend, CpuTrainBackend, KvCache, ModelConfig, Padding, TokenBatch};
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Which suite: `model`.
+    #[arg(default_value = "model")]
+    suite: String,
+    /// Small shapes and few steps (what CI runs).
+    #[arg(long)]
+    quick: bool,
+    /// Comma-separated presets for the model suite.
+    #[arg(long)]
+    shapes: Option<String>,
+    /// Where to write the figures.
+    #[arg(long, default_value = "bench.json")]
+    out: PathBuf,
+}
+
+#[derive(Serialize)]
+struct Figure {
+    name: String,
+    value: f64,
+    unit: &'static str,
+}
+
+#[derive(Serialize)]
+struct Report {
+    suite: String,
+    backend: &'static str,
+    cores: usize,
+    figures: Vec<Figure>,
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    let mut figures = Vec::new();
+    match args.suite.as_str() {
+        "model" => model_suite(&args, &mut figures)?,
+        other => bail!("unknown bench suite `{other}` (model)"),
+    }
+    let report = Report {
+        suite: args.suite.clone(),
+        backend: std::any::type_name::<CpuBackend>(),
+        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        figures,
+    };
+    for f in &report.figures {
+        println!("{:<48} {:>12.2} {}", f.name, f.value, f.unit);
+    }
+    let text = serde_json::to_string_pretty(&report)?;
+    thinkjson_model::write_atomic(&args.out, text.as_bytes())?;
+    eprintln!("wrote {}", args.out.display());
+    Ok(())
+}
+
+fn model_suite(args: &BenchArgs, figures: &mut Vec<Figure>) -> Result<()> {
+    let default = if args.quick { "tiny,smollm2-135m" } else { "smollm2-135m,qwen2.5-1.5b" };
+    let shapes = args.shapes.clone().unwrap_or_else(|| default.to_string());
+    let (prefill_len, steps) = if args.quick { (128, 8) } else { (512, 16) };
+    for name in shapes.split(',').map(str::trim) {
+        let config = ModelConfig::preset(name)?;
+        let device = Default::default();
+        let t = Instant::now();
+        let model = CausalLm::<CpuBackend>::random(&config, 0, &device)?;
+        push(figures, name, "init", t.elapsed().as_secs_f64(), "s");
+
+        // Prefill: hidden states for every position, logits for the last only (as engines do).
+        let prompt: Vec<u32> = (0..prefill_len as u32).map(|i| (i * 7919) % 1000 + 10).collect();
+        let batch = TokenBatch::new(&[prompt.clone()], Padding::Left, 0)?;
+        model.hidden_states(&TokenBatch::new(&[prompt[..16].to_vec()], Padding::Left, 0)?)?; // warm-up
+        let reps = if config.num_parameters() > 500_000_000 { 1 } else { 3 };
+        let mut best = f64::MAX;
+        for _ in 0..reps {
+            let t = Instant::now();
+            let hidden = model.hidden_states(&batch)?;
+            let last = hidden.slice([0..1, prefill_len - 1..prefill_len]);
+            let _ = model.logits(last).into_data();
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        push(figures, name, &format!("prefill 1x{prefill_len}"), prefill_len as f64 / best, "tokens/s");
+
+        for b in [1usize, 8] {
+            let rate = decode_rate(&model, b, steps)?;
+            push(figures, name, &format!("decode batch {b}"), rate, "tokens/s");
+        }
+        if config.num_parameters() < 500_000_000 {
+            let rate = train_rate::<CpuTrainBackend>(&config, if args.quick { 64 } else { 128 })?;
+            push(figures, name, "train fwd+bwd 1x128", rate, "tokens/s");
+        }
+        push(figures, name, "peak RSS so far", peak_rss_mib(), "MiB");
+    }
+    Ok(())
+}
+
+fn push(figures: &mut Vec<Figure>, shape: &str, what: &str, value: f64, unit: &'static str) {
+    figures.push(Figure {
+        name: format!("model/{shape}/{what}"),
+        value,
+        unit,
+    });
+}
+
+/// Greedy-shaped decode: a 32-token prompt, then `steps` single-token steps with the KV cache.
+fn decode_rate<B: Backend>(model: &CausalLm<B>, batch: usize, steps: usize) -> Result<f64> {
+    let prompts: Vec<Vec<u32>> = (0..batch).map(|b| (0..32 - b as u32 % 4).map(|i| 100 + i + b as u32).collect()).collect();
+    let mut cache = KvCache::new(batch, model.config().num_hidden_layers);
+    let hidden = model.hidden_cached(&TokenBatch::new(&prompts, Padding::Left, 0)?, &mut cache)?;
+    let s = hidden.dims()[1];
+    let mut next: Vec<u32> = argmax_last(model, hidden.slice([0..batch, s - 1..s]))?;
+    let t = Instant::now();
+    for _ in 0..steps {
+        let step: Vec<Option<u32>> = next.iter().map(|&t| Some(t)).collect();
+        let logits = model.forward_cached(&TokenBatch::step(&step, 0)?, &mut cache)?;
+        next = argmax(logits)?;
+    }
+    Ok((batch * steps) as f64 / t.elapsed().as_secs_f64())
+}
+
+fn argmax_last<B: Backend>(model: &CausalLm<B>, hidden: thinkjson_model::burn::tensor::Tensor<B, 3>) -> Result<Vec<u32>> {
+    argmax(model.logits(hidden))
+}
+
+fn argmax<B: Backend>(logits: thinkjson_model::burn::tensor::Tensor<B, 3>) -> Result<Vec<u32>> {
+    let ids = logits.argmax(2).into_data().convert::<i64>().to_vec::<i64>();
+    let ids = ids.map_err(|e| anyhow::anyhow!("argmax: {e:?}"))?;
+    Ok(ids.into_iter().map(|i| i as u32).collect())
+}
+
+/// One forward + backward of the mean next-token log-prob, batch 1 × `len`.
+fn train_rate<B: AutodiffBackend>(config: &ModelConfig, len: usize) -> Result<f64> {
+    let model = CausalLm::<B>::random(config, 0, &Default::default())?;
+    let ids: Vec<u32> = (0..len as u32).map(|i| (i * 31) % 500 + 3).collect();
+    let targets: Vec<u32> = ids.iter().skip(1).copied().chain([1]).collect();
+    let batch = TokenBatch::new(&[ids], Padding::Right, 0)?;
+    let mut best = f64::MAX;
+    for _ in 0..2 {
+        let t = Instant::now();
+        let loss = model.token_logprobs(&batch, &targets, 64)?.mean().neg();
+        let _grads = loss.backward();
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok(len as f64 / best)
+}
+
+/// Peak resident memory of this process (VmHWM), MiB; 0 where /proc is unavailable.
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}

@@ -81,8 +81,9 @@ impl TokenBatch {
 pub(crate) struct AttentionPlan {
     /// `[batch * seq]` RoPE positions.
     pub positions: Vec<f32>,
-    /// `[batch * seq * (past + seq)]`, `true` where attention is blocked.
-    pub blocked: Vec<bool>,
+    /// `[batch * seq * (past + seq)]`, `true` where attention is blocked; `None` when plain
+    /// causal attention is exact (no pad key precedes a real query).
+    pub blocked: Option<Vec<bool>>,
     pub keys: usize,
 }
 
@@ -95,8 +96,9 @@ pub(crate) fn plan(batch: &TokenBatch, past_valid: &[Vec<bool>], next_pos: &[usi
     let keys = past + s;
     let mut positions = Vec::with_capacity(b * s);
     let mut blocked = Vec::with_capacity(b * s * keys);
-    for bi in 0..b {
-        let row = &batch.mask[bi * s..(bi + 1) * s];
+    let no_past: &[bool] = &[];
+    for (bi, row) in batch.mask.chunks(s).enumerate() {
+        let cached = past_valid.get(bi).map_or(no_past, Vec::as_slice);
         let mut pos = next_pos.get(bi).copied().unwrap_or(0);
         for (i, &real) in row.iter().enumerate() {
             positions.push(pos as f32);
@@ -106,7 +108,7 @@ pub(crate) fn plan(batch: &TokenBatch, past_valid: &[Vec<bool>], next_pos: &[usi
             let query = past + i;
             for key in 0..keys {
                 let key_real = if key < past {
-                    past_valid[bi][key]
+                    cached.get(key).copied().unwrap_or(false)
                 } else {
                     row[key - past]
                 };
@@ -115,9 +117,18 @@ pub(crate) fn plan(batch: &TokenBatch, past_valid: &[Vec<bool>], next_pos: &[usi
             }
         }
     }
+    // With right padding (or none) a real query only ever sees real keys under the causal
+    // rule; pad queries' outputs are never read. Then no mask needs building or applying.
+    let pad_before_real = (0..b).any(|bi| {
+        let row = &batch.mask[bi * s..(bi + 1) * s];
+        let past_pad = past_valid.get(bi).is_some_and(|v| v.iter().any(|&m| !m));
+        let any_real = row.iter().any(|&m| m);
+        let new_pad_before_real = row.windows(2).any(|w| !w[0] && w[1]);
+        (past_pad && any_real) || new_pad_before_real
+    });
     AttentionPlan {
         positions,
-        blocked,
+        blocked: pad_before_real.then_some(blocked),
         keys,
     }
 }
@@ -164,9 +175,21 @@ mod tests {
         let batch = TokenBatch::new(&[vec![7], vec![1, 2]], Padding::Left, 0).unwrap();
         let p = plan(&batch, &[vec![], vec![]], &[0, 0]);
         assert_eq!(p.positions, vec![0.0, 0.0, 0.0, 1.0]);
+        let blocked = p.blocked.expect("left padding needs a mask");
         // sequence 0: pad query sees only itself; real query sees itself, not the pad.
-        assert_eq!(&p.blocked[0..4], &[false, true, true, false]);
+        assert_eq!(&blocked[0..4], &[false, true, true, false]);
         // sequence 1: causal.
-        assert_eq!(&p.blocked[4..8], &[false, true, false, false]);
+        assert_eq!(&blocked[4..8], &[false, true, false, false]);
+    }
+
+    #[test]
+    fn right_padding_and_unpadded_batches_need_no_mask() {
+        let right = TokenBatch::new(&[vec![7], vec![1, 2]], Padding::Right, 0).unwrap();
+        assert!(plan(&right, &[vec![], vec![]], &[0, 0]).blocked.is_none());
+        // A finished sequence's masked step after real tokens: pad key precedes nothing real.
+        let step = TokenBatch::step(&[Some(3), None], 0).unwrap();
+        assert!(plan(&step, &[vec![true], vec![true]], &[1, 1]).blocked.is_none());
+        // A cached pad followed by a new real token does need the mask.
+        assert!(plan(&step, &[vec![false, true], vec![true, true]], &[1, 2]).blocked.is_some());
     }
 }

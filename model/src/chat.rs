@@ -93,9 +93,9 @@ impl ChatTemplate {
             path.to_path_buf()
         };
         let text = std::fs::read_to_string(&file).map_err(|e| ModelError::io(&file, e))?;
-        let v: serde_json::Value = serde_json::from_str(&text).map_err(|source| ModelError::Json {
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|cause| ModelError::Json {
             path: file.clone(),
-            source,
+            cause,
         })?;
         let token = |key: &str| -> String {
             v.get(key)

@@ -191,9 +191,9 @@ impl ModelConfig {
             path.to_path_buf()
         };
         let text = std::fs::read_to_string(&file).map_err(|e| ModelError::io(&file, e))?;
-        let value: Value = serde_json::from_str(&text).map_err(|source| ModelError::Json {
+        let value: Value = serde_json::from_str(&text).map_err(|cause| ModelError::Json {
             path: file.clone(),
-            source,
+            cause,
         })?;
         Self::from_hf_value(&value)
     }

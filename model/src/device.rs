@@ -85,7 +85,7 @@ pub fn probe_cuda(index: usize) -> Result<()> {
     {
         Err(ModelError::Device(format!(
             "cuda:{index} requested but this binary was built without the `cuda` feature \
-             (rebuild with `--features cuda`) ; use --device cpu"
+             (rebuild with `--features cuda`); use --device cpu"
         )))
     }
 }

@@ -53,9 +53,9 @@ impl Tokenizer {
         let config_path = dir.join("tokenizer_config.json");
         let config: Option<serde_json::Value> = if config_path.exists() {
             let text = std::fs::read_to_string(&config_path).map_err(|e| ModelError::io(&config_path, e))?;
-            Some(serde_json::from_str(&text).map_err(|source| ModelError::Json {
+            Some(serde_json::from_str(&text).map_err(|cause| ModelError::Json {
                 path: config_path.clone(),
-                source,
+                cause,
             })?)
         } else {
             None

@@ -60,9 +60,9 @@ impl SafetensorsSource {
         let single = dir.join("model.safetensors");
         if index_path.exists() {
             let text = std::fs::read_to_string(&index_path).map_err(|e| ModelError::io(&index_path, e))?;
-            let v: serde_json::Value = serde_json::from_str(&text).map_err(|source| ModelError::Json {
+            let v: serde_json::Value = serde_json::from_str(&text).map_err(|cause| ModelError::Json {
                 path: index_path.clone(),
-                source,
+                cause,
             })?;
             let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
                 ModelError::Safetensors {

@@ -75,7 +75,7 @@ fn model_suite(args: &BenchArgs, figures: &mut Vec<Figure>) -> Result<()> {
 
         // Prefill: hidden states for every position, logits for the last only (as engines do).
         let prompt: Vec<u32> = (0..prefill_len as u32).map(|i| (i * 7919) % 1000 + 10).collect();
-        let batch = TokenBatch::new(&[prompt.clone()], Padding::Left, 0)?;
+        let batch = TokenBatch::new(std::slice::from_ref(&prompt), Padding::Left, 0)?;
         model.hidden_states(&TokenBatch::new(&[prompt[..16].to_vec()], Padding::Left, 0)?)?; // warm-up
         let reps = if config.num_parameters() > 500_000_000 { 1 } else { 3 };
         let mut best = f64::MAX;

@@ -9,8 +9,22 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// glibc returns large freed blocks to the OS, so every training step page-faults its
+/// gradient buffers afresh (a quarter of step time measured); mimalloc, told never to purge,
+/// keeps them (1.7× faster fwd+bwd at the smollm2-135m shape).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// `mi_option_purge_delay` in mimalloc's `mi_option_e` (not named by libmimalloc-sys).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+fn keep_freed_memory() {
+    // SAFETY: sets a process-wide tuning option; valid at any time, no pointers involved.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) }
+}
+
 #[derive(Parser)]
-#[command(name = "cargo xtask", about = "thinkjson: teach small LMs to emit schema-valid JSON", version)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask", about = "thinkjson: teach small LMs to emit schema-valid JSON", version)]
 struct Cli {
     #[command(subcommand)]
     verb: Verb,
@@ -27,6 +41,7 @@ enum Verb {
 }
 
 fn main() -> ExitCode {
+    keep_freed_memory();
     let cli = Cli::parse();
     let result = match cli.verb {
         Verb::Logits(a) => cmd_model::logits(a),

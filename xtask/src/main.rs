@@ -4,6 +4,7 @@
 mod backend;
 mod bench;
 mod cmd_model;
+mod cmd_synth;
 
 use std::process::ExitCode;
 
@@ -36,6 +37,10 @@ enum Verb {
     Logits(cmd_model::LogitsArgs),
     /// Initialise a model from a preset with seeded random weights and save it in HF layout.
     InitModel(cmd_model::InitArgs),
+    /// Generate synthetic (text, schema, object, reasoning) rows as JSONL, or print a file's variety figures.
+    Synth(cmd_synth::SynthArgs),
+    /// Import an external CSV/JSONL set (text, schema, object columns) into our JSONL format.
+    Import(cmd_synth::ImportArgs),
     /// Run benchmarks and print the figures (and write them as JSON).
     Bench(bench::BenchArgs),
 }
@@ -46,6 +51,8 @@ fn main() -> ExitCode {
     let result = match cli.verb {
         Verb::Logits(a) => cmd_model::logits(a),
         Verb::InitModel(a) => cmd_model::init(a),
+        Verb::Synth(a) => cmd_synth::synth(a),
+        Verb::Import(a) => cmd_synth::import(a),
         Verb::Bench(a) => bench::run(a),
     };
     match result {

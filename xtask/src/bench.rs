@@ -12,7 +12,7 @@ use thinkjson_model::{CausalLm, CpuBackend, CpuTrainBackend, KvCache, ModelConfi
 
 #[derive(Args)]
 pub struct BenchArgs {
-    /// Which suite: `model`.
+    /// Which suite: `model`, `synth` or `reward`.
     #[arg(default_value = "model")]
     suite: String,
     /// Small shapes and few steps (what CI runs).
@@ -45,7 +45,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let mut figures = Vec::new();
     match args.suite.as_str() {
         "model" => model_suite(&args, &mut figures)?,
-        other => bail!("unknown bench suite `{other}` (model)"),
+        "synth" => synth_suite(&args, &mut figures)?,
+        "reward" => reward_suite(&args, &mut figures)?,
+        other => bail!("unknown bench suite `{other}` (model, synth, reward)"),
     }
     let report = Report {
         suite: args.suite.clone(),
@@ -98,6 +100,45 @@ fn model_suite(args: &BenchArgs, figures: &mut Vec<Figure>) -> Result<()> {
         }
         push(figures, name, "peak RSS so far", peak_rss_mib(), "MiB");
     }
+    Ok(())
+}
+
+/// Rows per second of the synthetic data generator (single thread).
+fn synth_suite(args: &BenchArgs, figures: &mut Vec<Figure>) -> Result<()> {
+    let rows = if args.quick { 2000 } else { 20_000 };
+    let generator = thinkjson_synth::Generator::new(thinkjson_synth::SynthConfig { rows, seed: 1, ..Default::default() });
+    let t = Instant::now();
+    let mut bytes = 0usize;
+    for i in 0..rows as u64 {
+        bytes += generator.candidate(i)?.text.len();
+    }
+    let secs = t.elapsed().as_secs_f64();
+    figures.push(Figure { name: format!("synth/{rows} rows"), value: rows as f64 / secs, unit: "rows/s" });
+    figures.push(Figure { name: "synth/mean text length".into(), value: bytes as f64 / rows as f64, unit: "bytes" });
+    Ok(())
+}
+
+/// Completions scored per second: every schema new (validator cache miss) vs one schema
+/// (cache hit), on synthetic rows with their correct completions.
+fn reward_suite(args: &BenchArgs, figures: &mut Vec<Figure>) -> Result<()> {
+    use thinkjson_reward::{Context, RewardSet, ValidatorCache};
+    let n = if args.quick { 300 } else { 3000 };
+    let rows = thinkjson_synth::generate(thinkjson_synth::SynthConfig { rows: n, seed: 2, ..Default::default() })?;
+    let completions: Vec<String> = rows.iter().map(|r| thinkjson_synth::prompt::completion(&r.reasoning, &r.object)).collect();
+    let set = RewardSet::default();
+    let cache = ValidatorCache::new();
+    let t = Instant::now();
+    for (r, c) in rows.iter().zip(&completions) {
+        set.score(c, &Context { schema: &r.schema, reference: Some(&r.object), sample_id: None, validators: &cache });
+    }
+    let miss = n as f64 / t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    for (r, c) in rows.iter().zip(&completions) {
+        set.score(c, &Context { schema: &rows[0].schema, reference: Some(&r.object), sample_id: None, validators: &cache });
+    }
+    let hit = n as f64 / t.elapsed().as_secs_f64();
+    figures.push(Figure { name: "reward/score, validator cache miss".into(), value: miss, unit: "completions/s" });
+    figures.push(Figure { name: "reward/score, validator cache hit".into(), value: hit, unit: "completions/s" });
     Ok(())
 }
 

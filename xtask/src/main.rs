@@ -4,6 +4,7 @@
 mod backend;
 mod bench;
 mod cmd_model;
+mod cmd_eval;
 mod cmd_synth;
 
 use std::process::ExitCode;
@@ -41,6 +42,10 @@ enum Verb {
     Synth(cmd_synth::SynthArgs),
     /// Import an external CSV/JSONL set (text, schema, object columns) into our JSONL format.
     Import(cmd_synth::ImportArgs),
+    /// Score predictions (JSONL of id + completion) against a dataset and write a report directory.
+    Eval(cmd_eval::EvalArgs),
+    /// Merge the report.json of several eval directories into one report.
+    Report(cmd_eval::ReportArgs),
     /// Run benchmarks and print the figures (and write them as JSON).
     Bench(bench::BenchArgs),
 }
@@ -53,6 +58,8 @@ fn main() -> ExitCode {
         Verb::InitModel(a) => cmd_model::init(a),
         Verb::Synth(a) => cmd_synth::synth(a),
         Verb::Import(a) => cmd_synth::import(a),
+        Verb::Eval(a) => cmd_eval::eval(a),
+        Verb::Report(a) => cmd_eval::report(a),
         Verb::Bench(a) => bench::run(a),
     };
     match result {

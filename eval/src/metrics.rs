@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use thinkjson_reward::score::{exact_match, field_match};
+use thinkjson_reward::score::{exact_match, field_match, schema_depth};
 use thinkjson_reward::{adherence, parse, ValidatorCache};
 
 /// A dataset row as evaluation needs it (extra fields of the JSONL are ignored).
@@ -184,30 +184,4 @@ pub fn evaluate(name: &str, samples: &[Sample], predictions: &[Prediction], skip
         skipped,
         rows,
     }
-}
-
-/// Object nesting depth of a schema: the root object is 1 (local `$ref`s followed).
-pub fn schema_depth(schema: &Value) -> usize {
-    fn go(root: &Value, n: &Value, guard: usize) -> usize {
-        if guard > 32 {
-            return 0;
-        }
-        let n = match n.get("$ref").and_then(Value::as_str).and_then(|r| r.strip_prefix("#/$defs/")) {
-            Some(name) => root.get("$defs").and_then(|d| d.get(name)).unwrap_or(n),
-            None => n,
-        };
-        let own = n
-            .get("properties")
-            .and_then(Value::as_object)
-            .map_or(0, |p| 1 + p.values().map(|c| go(root, c, guard + 1)).max().unwrap_or(0));
-        let items = n.get("items").map_or(0, |i| go(root, i, guard + 1));
-        let branches = ["anyOf", "oneOf"]
-            .iter()
-            .filter_map(|k| n.get(*k).and_then(Value::as_array))
-            .flat_map(|bs| bs.iter().map(|b| go(root, b, guard + 1)))
-            .max()
-            .unwrap_or(0);
-        own.max(items).max(branches)
-    }
-    go(schema, schema, 0)
 }

@@ -169,17 +169,45 @@ fn walk_extra(pred: &Value, node: &Value, root: &Value, ptr: &str, out: &mut Vec
     }
 }
 
-fn resolve_local<'a>(root: &'a Value, node: &'a Value) -> &'a Value {
+/// Follows local references (`#/$defs/Name`, `#/definitions/Name`) from `node` against `root`.
+pub fn resolve_local<'a>(root: &'a Value, node: &'a Value) -> &'a Value {
     let mut cur = node;
-    for _ in 0..16 {
+    for _ in 0..32 {
         let Some(r) = cur.get("$ref").and_then(Value::as_str) else { break };
-        let Some(name) = r.strip_prefix("#/$defs/") else { break };
-        match root.get("$defs").and_then(|d| d.get(name)) {
+        let target = r
+            .strip_prefix("#/$defs/")
+            .and_then(|n| root.get("$defs")?.get(n))
+            .or_else(|| r.strip_prefix("#/definitions/").and_then(|n| root.get("definitions")?.get(n)));
+        match target {
             Some(t) => cur = t,
             None => break,
         }
     }
     cur
+}
+
+/// Object nesting depth of a schema: the root object is 1; each object inside it (directly,
+/// as array items, or in an `anyOf`/`oneOf` branch) adds one. Local `$ref`s are followed.
+pub fn schema_depth(schema: &Value) -> usize {
+    fn go(root: &Value, node: &Value, guard: usize) -> usize {
+        if guard > 32 {
+            return 0;
+        }
+        let node = resolve_local(root, node);
+        let own = node
+            .get("properties")
+            .and_then(Value::as_object)
+            .map_or(0, |p| 1 + p.values().map(|c| go(root, c, guard + 1)).max().unwrap_or(0));
+        let items = node.get("items").map_or(0, |i| go(root, i, guard + 1));
+        let branches = ["anyOf", "oneOf"]
+            .iter()
+            .filter_map(|k| node.get(*k).and_then(Value::as_array))
+            .flat_map(|bs| bs.iter().map(|b| go(root, b, guard + 1)))
+            .max()
+            .unwrap_or(0);
+        own.max(items).max(branches)
+    }
+    go(schema, schema, 0)
 }
 
 /// Number of nodes (values) in an instance, for schema partial credit.

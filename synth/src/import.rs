@@ -7,6 +7,8 @@ use std::collections::HashMap;
 use serde::Serialize;
 use serde_json::Value;
 
+use thinkjson_reward::{adherence, ValidatorCache};
+
 use crate::dataset::Row;
 use crate::render::Span;
 
@@ -29,7 +31,7 @@ pub struct ImportReport {
 pub fn import_jsonl(input: &str) -> (Vec<Row>, ImportReport) {
     let mut rows = Vec::new();
     let mut report = ImportReport::default();
-    let mut validators = ValidatorCache::default();
+    let validators = ValidatorCache::new();
     for (i, line) in input.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
@@ -41,7 +43,7 @@ pub fn import_jsonl(input: &str) -> (Vec<Row>, ImportReport) {
                 Value::Object(m) => Ok(m.into_iter().collect::<HashMap<String, Value>>()),
                 _ => Err("not a JSON object".to_string()),
             })
-            .and_then(|cols| build(&cols, i + 1, &mut validators));
+            .and_then(|cols| build(&cols, i + 1, &validators));
         accept(outcome, i + 1, &mut rows, &mut report);
     }
     (rows, report)
@@ -51,7 +53,7 @@ pub fn import_jsonl(input: &str) -> (Vec<Row>, ImportReport) {
 pub fn import_csv(input: &str) -> (Vec<Row>, ImportReport) {
     let mut rows = Vec::new();
     let mut report = ImportReport::default();
-    let mut validators = ValidatorCache::default();
+    let validators = ValidatorCache::new();
     let mut reader = csv::ReaderBuilder::new().flexible(true).from_reader(input.as_bytes());
     let headers: Vec<String> = match reader.headers() {
         Ok(h) => h.iter().map(|s| s.trim().to_lowercase()).collect(),
@@ -66,7 +68,7 @@ pub fn import_csv(input: &str) -> (Vec<Row>, ImportReport) {
         let outcome = record.map_err(|e| format!("unreadable CSV record: {e}")).and_then(|rec| {
             let cols: HashMap<String, Value> =
                 headers.iter().cloned().zip(rec.iter().map(|s| Value::String(s.to_string()))).collect();
-            build(&cols, line, &mut validators)
+            build(&cols, line, &validators)
         });
         accept(outcome, line, &mut rows, &mut report);
     }
@@ -83,26 +85,15 @@ fn accept(outcome: Result<Row, String>, line: usize, rows: &mut Vec<Row>, report
     }
 }
 
-/// Compiled validators by schema text: imported sets repeat schemas.
-#[derive(Default)]
-struct ValidatorCache {
-    compiled: HashMap<String, Result<jsonschema::Validator, String>>,
-}
-
-impl ValidatorCache {
-    fn check(&mut self, schema: &Value, object: &Value) -> Result<(), String> {
-        let key = serde_json::to_string(schema).unwrap_or_default();
-        let entry = self
-            .compiled
-            .entry(key)
-            .or_insert_with(|| jsonschema::validator_for(schema).map_err(|e| format!("invalid schema: {e}")));
-        match entry {
-            Err(e) => Err(e.clone()),
-            Ok(v) => match v.iter_errors(object).next() {
-                None => Ok(()),
-                Some(err) => Err(format!("object does not match its schema at `{}`: {err}", err.instance_path())),
-            },
-        }
+/// Accepts `object` only if it validates against `schema` (compiled once per schema).
+fn check(validators: &ValidatorCache, schema: &Value, object: &Value) -> Result<(), String> {
+    let compiled = validators.get(schema);
+    if let Err(e) = compiled.as_ref() {
+        return Err(format!("invalid schema: {e}"));
+    }
+    match adherence(&compiled, object) {
+        (_, None) => Ok(()),
+        (_, Some(first_error)) => Err(format!("object does not match its schema {first_error}")),
     }
 }
 
@@ -115,7 +106,7 @@ fn json_column(cols: &HashMap<String, Value>, name: &str) -> Result<Value, Strin
     }
 }
 
-fn build(cols: &HashMap<String, Value>, line: usize, validators: &mut ValidatorCache) -> Result<Row, String> {
+fn build(cols: &HashMap<String, Value>, line: usize, validators: &ValidatorCache) -> Result<Row, String> {
     let text = match cols.get("text") {
         Some(Value::String(s)) if !s.trim().is_empty() => s.clone(),
         Some(Value::String(_)) => return Err("column `text` is empty".into()),
@@ -127,7 +118,7 @@ fn build(cols: &HashMap<String, Value>, line: usize, validators: &mut ValidatorC
         return Err("column `schema`: not a JSON object".into());
     }
     let object = json_column(cols, "object")?;
-    validators.check(&schema, &object)?;
+    check(validators, &schema, &object)?;
     let (reasoning, spans) = trace_imported(&text, &object);
     Ok(Row {
         id: cols.get("id").and_then(Value::as_str).map_or_else(|| format!("import-{line}"), String::from),

@@ -126,26 +126,10 @@ pub fn walk_mut(node: &mut Value, f: &mut dyn FnMut(&mut Value)) {
     }
 }
 
-/// Resolves a local `#/$defs/Name` reference against the root schema.
-pub fn resolve<'a>(root: &'a Value, node: &'a Value) -> &'a Value {
-    let mut cur = node;
-    for _ in 0..32 {
-        match cur.get("$ref").and_then(Value::as_str) {
-            Some(r) => match r.strip_prefix("#/$defs/").or_else(|| r.strip_prefix("#/definitions/")) {
-                Some(name) => {
-                    let defs = root.get("$defs").or_else(|| root.get("definitions"));
-                    match defs.and_then(|d| d.get(name)) {
-                        Some(target) => cur = target,
-                        None => return cur,
-                    }
-                }
-                None => return cur,
-            },
-            None => return cur,
-        }
-    }
-    cur
-}
+/// Resolves a local `$ref` against the root schema.
+pub use thinkjson_reward::score::resolve_local as resolve;
+/// Object nesting depth (root object = 1).
+pub use thinkjson_reward::score::schema_depth as depth;
 
 /// Replaces every local `$ref` by its target and drops `$defs`.
 pub fn inline_refs(schema: &Value) -> Value {
@@ -187,31 +171,6 @@ pub fn inline_refs(schema: &Value) -> Value {
         }
     }
     out
-}
-
-/// Object nesting depth: the root object is 1; each object inside it (directly or as array
-/// items) adds one.
-pub fn depth(schema: &Value) -> usize {
-    fn go(root: &Value, node: &Value, guard: usize) -> usize {
-        if guard > 16 {
-            return 0;
-        }
-        let node = resolve(root, node);
-        let mut best = 0;
-        if let Some(props) = node.get("properties").and_then(Value::as_object) {
-            best = 1 + props.values().map(|p| go(root, p, guard + 1)).max().unwrap_or(0);
-        }
-        if let Some(items) = node.get("items") {
-            best = best.max(go(root, items, guard + 1));
-        }
-        for key in ["anyOf", "oneOf"] {
-            if let Some(list) = node.get(key).and_then(Value::as_array) {
-                best = best.max(list.iter().map(|x| go(root, x, guard + 1)).max().unwrap_or(0));
-            }
-        }
-        best
-    }
-    go(schema, schema, 0)
 }
 
 /// How often each JSON Schema keyword appears (for `--stats`).

@@ -68,6 +68,21 @@ impl TokenBatch {
         })
     }
 
+    /// Checks the shape invariants (the fields are public, so a batch may be built by hand).
+    pub fn validate(&self) -> Result<()> {
+        let n = self.batch.checked_mul(self.seq).unwrap_or(usize::MAX);
+        if self.batch == 0 || self.seq == 0 || self.ids.len() != n || self.mask.len() != n {
+            return Err(ModelError::Input(format!(
+                "inconsistent batch: {} × {} positions but {} ids and {} mask entries",
+                self.batch,
+                self.seq,
+                self.ids.len(),
+                self.mask.len()
+            )));
+        }
+        Ok(())
+    }
+
     /// Number of real tokens in each sequence.
     pub fn lengths(&self) -> Vec<usize> {
         self.mask
@@ -168,6 +183,10 @@ mod tests {
         assert_eq!(r.lengths(), vec![3, 1]);
         assert!(TokenBatch::new(&[], Padding::Left, 0).is_err());
         assert!(TokenBatch::new(&[vec![]], Padding::Left, 0).is_err());
+        let mut bad = r.clone();
+        bad.ids.pop();
+        assert!(bad.validate().unwrap_err().to_string().contains("inconsistent batch"));
+        assert!(r.validate().is_ok());
     }
 
     #[test]

@@ -151,6 +151,7 @@ impl<B: Backend> CausalLm<B> {
     /// [`CausalLm::forward_cached`] without the vocabulary projection, so a caller can take
     /// the logits of the last position only.
     pub fn hidden_cached(&self, batch: &TokenBatch, cache: &mut KvCache<B>) -> Result<Tensor<B, 3>> {
+        batch.validate()?;
         if cache.batch() != batch.batch || cache.layers.len() != self.layers.len() {
             return Err(ModelError::Input(format!(
                 "cache holds {} sequences × {} layers, input has {} sequences",
@@ -176,6 +177,7 @@ impl<B: Backend> CausalLm<B> {
     /// Log-probability of `targets[b * seq + t]` at each position `t`, `[batch, seq]`,
     /// computed `chunk` positions at a time so no full `[batch, seq, vocab]` tensor is kept.
     pub fn token_logprobs(&self, batch: &TokenBatch, targets: &[u32], chunk: usize) -> Result<Tensor<B, 2>> {
+        batch.validate()?;
         if targets.len() != batch.ids.len() {
             return Err(ModelError::Input(format!(
                 "{} targets for {} input positions",
@@ -228,6 +230,7 @@ impl<B: Backend> CausalLm<B> {
         next_pos: &[usize],
         mut caches: Option<&mut Vec<LayerCache<B>>>,
     ) -> Result<Tensor<B, 3>> {
+        batch.validate()?;
         for (i, &id) in batch.ids.iter().enumerate() {
             self.config.check_token(id, i / batch.seq, i % batch.seq)?;
         }

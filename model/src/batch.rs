@@ -70,7 +70,7 @@ impl TokenBatch {
 
     /// Checks the shape invariants (the fields are public, so a batch may be built by hand).
     pub fn validate(&self) -> Result<()> {
-        let n = self.batch.checked_mul(self.seq).unwrap_or(usize::MAX);
+        let n = self.batch.saturating_mul(self.seq);
         if self.batch == 0 || self.seq == 0 || self.ids.len() != n || self.mask.len() != n {
             return Err(ModelError::Input(format!(
                 "inconsistent batch: {} × {} positions but {} ids and {} mask entries",

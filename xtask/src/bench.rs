@@ -55,9 +55,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
         figures,
     };
-    for f in &report.figures {
-        println!("{:<48} {:>12.2} {}", f.name, f.value, f.unit);
-    }
+    let table: Vec<String> = report.figures.iter().map(|f| format!("{:<48} {:>12.2} {}", f.name, f.value, f.unit)).collect();
+    crate::print_out(&table.join("\n"))?;
     let text = serde_json::to_string_pretty(&report)?;
     thinkjson_model::write_atomic(&args.out, text.as_bytes())?;
     eprintln!("wrote {}", args.out.display());

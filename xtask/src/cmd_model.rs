@@ -25,8 +25,7 @@ pub struct LogitsArgs {
 pub fn logits(args: LogitsArgs) -> Result<()> {
     let tokens = parse_tokens(&args.tokens)?;
     let rows = dispatch(args.device, LogitsJob { dir: args.model, tokens })?;
-    println!("{}", serde_json::json!({ "logits": rows }));
-    Ok(())
+    crate::print_out(&serde_json::json!({ "logits": rows }).to_string())
 }
 
 fn parse_tokens(s: &str) -> Result<Vec<u32>> {

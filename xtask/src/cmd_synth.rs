@@ -89,20 +89,21 @@ fn print_stats(path: &Path, json: bool) -> Result<()> {
     }
     let s = stats(&rows);
     if json {
-        println!("{}", serde_json::to_string_pretty(&s)?);
-        return Ok(());
+        return crate::print_out(&serde_json::to_string_pretty(&s)?);
     }
-    println!("rows {}  distinct schemas {}", s.rows, s.distinct_schemas);
-    println!("kinds      {}", fmt_map(&s.kinds));
-    println!("styles     {}", fmt_map(&s.styles));
-    println!("splits     {}", fmt_map(&s.splits));
-    println!("depth      {}", s.depth_histogram.iter().map(|(k, v)| format!("{k}:{v}")).collect::<Vec<_>>().join(" "));
     let [min, p50, p90, max, mean] = s.text_chars;
-    println!("text chars min {min} p50 {p50} p90 {p90} max {max} mean {mean:.0}");
     let mut kw: Vec<_> = s.keywords.iter().collect();
     kw.sort_by(|a, b| b.1.cmp(a.1));
-    println!("keywords   {}", kw.iter().map(|(k, v)| format!("{k}:{v}")).collect::<Vec<_>>().join(" "));
-    Ok(())
+    let lines = [
+        format!("rows {}  distinct schemas {}", s.rows, s.distinct_schemas),
+        format!("kinds      {}", fmt_map(&s.kinds)),
+        format!("styles     {}", fmt_map(&s.styles)),
+        format!("splits     {}", fmt_map(&s.splits)),
+        format!("depth      {}", s.depth_histogram.iter().map(|(k, v)| format!("{k}:{v}")).collect::<Vec<_>>().join(" ")),
+        format!("text chars min {min} p50 {p50} p90 {p90} max {max} mean {mean:.0}"),
+        format!("keywords   {}", kw.iter().map(|(k, v)| format!("{k}:{v}")).collect::<Vec<_>>().join(" ")),
+    ];
+    crate::print_out(&lines.join("\n"))
 }
 
 fn fmt_map(m: &std::collections::BTreeMap<String, usize>) -> String {

@@ -136,10 +136,10 @@ impl Generator {
         let (kind_name, title, schema) = if rng.random_bool(c.random_schema_share) {
             let depth = rng.random_range(1..=c.max_random_depth.max(1));
             let base = random_schema(&self.catalogue, depth, &mut rng);
-            ("random".to_string(), "Quality record".to_string(), vary(&base, &c.variation, &mut rng).schema)
+            ("random".to_string(), "Quality record".to_string(), vary(&base, &c.variation, &mut rng))
         } else {
             let (kind, base) = self.bases.choose(&mut rng).ok_or_else(|| SynthError::Invalid("no document kinds selected".into()))?;
-            (kind.name().to_string(), kind.title().to_string(), vary(base, &c.variation, &mut rng).schema)
+            (kind.name().to_string(), kind.title().to_string(), vary(base, &c.variation, &mut rng))
         };
         let style = *c.styles.choose(&mut rng).ok_or_else(|| SynthError::Invalid("no styles selected".into()))?;
         // An object with no leaf value at all (every property optional and left out) teaches

@@ -4,8 +4,6 @@
 pub enum SynthError {
     #[error("schema pattern `{0}` has no value generator (use one of the domain's id patterns)")]
     UnknownPattern(String),
-    #[error("unknown document kind `{0}`")]
-    UnknownKind(String),
     #[error("unknown split `{0}` (grpo, sft, eval)")]
     UnknownSplit(String),
     #[error("could not produce {wanted} rows for split {split} within {attempts} attempts")]

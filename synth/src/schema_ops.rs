@@ -225,15 +225,8 @@ impl Default for Variation {
     }
 }
 
-/// A derived schema and what was done to it.
-#[derive(Debug, Clone)]
-pub struct Derived {
-    pub schema: Value,
-    pub key_style: KeyStyle,
-}
-
 /// Derives a schema variant from a normalised base schema.
-pub fn vary<R: Rng>(base: &Value, v: &Variation, rng: &mut R) -> Derived {
+pub fn vary<R: Rng>(base: &Value, v: &Variation, rng: &mut R) -> Value {
     let mut schema = if rng.random_bool(v.inline_refs) { inline_refs(base) } else { base.clone() };
     let title = schema.get("title").cloned();
     let description = schema.get("description").cloned();
@@ -270,7 +263,7 @@ pub fn vary<R: Rng>(base: &Value, v: &Variation, rng: &mut R) -> Derived {
         .choose(rng)
         .unwrap_or(&KeyStyle::Snake);
     rename_keys(&mut schema, key_style);
-    Derived { schema, key_style }
+    schema
 }
 
 fn vary_object<R: Rng>(node: &mut Value, v: &Variation, rng: &mut R) {

@@ -53,6 +53,48 @@ impl<B: Backend> KvCache<B> {
     pub fn batch(&self) -> usize {
         self.valid.len()
     }
+
+    /// Real (non-pad) cached keys of the fullest sequence.
+    pub fn max_valid(&self) -> usize {
+        self.valid.iter().map(|v| v.iter().filter(|&&m| m).count()).max().unwrap_or(0)
+    }
+
+    /// Drops pad columns: each sequence's real keys move to the right end, left-padded to
+    /// the fullest sequence. Batched steps feed pads to sequences with fewer new tokens, so
+    /// without this the cache (and every step's attention) grows with the widest row.
+    /// Keys already carry their RoPE rotation and every cached key precedes every new
+    /// query, so attention over the compacted cache is unchanged.
+    pub fn compact(&mut self) {
+        let len = self.len();
+        let keep = self.max_valid();
+        if keep == len {
+            return;
+        }
+        let b = self.batch();
+        // index[row][j]: which old column lands in new column j (pads read column 0).
+        let mut index = Vec::with_capacity(b * keep);
+        let mut valid = Vec::with_capacity(b);
+        for row in &self.valid {
+            let real: Vec<usize> = row.iter().enumerate().filter(|(_, &m)| m).map(|(i, _)| i).collect();
+            let pads = keep - real.len();
+            index.extend(std::iter::repeat_n(0i64, pads));
+            index.extend(real.iter().map(|&i| i as i64));
+            let mut v = vec![false; pads];
+            v.extend(std::iter::repeat_n(true, real.len()));
+            valid.push(v);
+        }
+        for slot in self.layers.iter_mut() {
+            if let Some((k, v)) = slot.take() {
+                let [_, heads, _, d] = k.dims();
+                let device = k.device();
+                let idx = Tensor::<B, 2, Int>::from_data(TensorData::new(index.clone(), [b, keep]), &device)
+                    .reshape([b, 1, keep, 1])
+                    .expand([b, heads, keep, d]);
+                *slot = Some((k.gather(2, idx.clone()), v.gather(2, idx)));
+            }
+        }
+        self.valid = valid;
+    }
 }
 
 impl<B: Backend> CausalLm<B> {

@@ -12,7 +12,7 @@ use thinkjson_model::{CausalLm, CpuBackend, CpuTrainBackend, KvCache, ModelConfi
 
 #[derive(Args)]
 pub struct BenchArgs {
-    /// Which suite: `model`, `synth` or `reward`.
+    /// Which suite: `model`, `decode`, `synth` or `reward`.
     #[arg(default_value = "model")]
     suite: String,
     /// Small shapes and few steps (what CI runs).
@@ -47,7 +47,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "model" => model_suite(&args, &mut figures)?,
         "synth" => synth_suite(&args, &mut figures)?,
         "reward" => reward_suite(&args, &mut figures)?,
-        other => bail!("unknown bench suite `{other}` (model, synth, reward)"),
+        "decode" => decode_suite(&args, &mut figures)?,
+        other => bail!("unknown bench suite `{other}` (model, decode, synth, reward)"),
     }
     let report = Report {
         suite: args.suite.clone(),
@@ -138,6 +139,60 @@ fn reward_suite(args: &BenchArgs, figures: &mut Vec<Figure>) -> Result<()> {
     let hit = n as f64 / t.elapsed().as_secs_f64();
     figures.push(Figure { name: "reward/score, validator cache miss".into(), value: miss, unit: "completions/s" });
     figures.push(Figure { name: "reward/score, validator cache hit".into(), value: hit, unit: "completions/s" });
+    Ok(())
+}
+
+/// Constrained vs unconstrained generation on the tiny preset with the real Qwen vocabulary,
+/// and mask-computation times over the committed schema set.
+fn decode_suite(args: &BenchArgs, figures: &mut Vec<Figure>) -> Result<()> {
+    use thinkjson_decode::{Constraint, GenerateConfig, Generator, Request, SamplingConfig};
+    let tokenizer = thinkjson_model::Tokenizer::from_path("assets/qwen".as_ref())?;
+    let model = CausalLm::<CpuBackend>::random(&ModelConfig::preset("tiny")?, 1, &Default::default())?;
+    let generator = Generator::for_model(&tokenizer, &model)?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let mut fig = |what: String, value: f64, unit: &'static str| figures.push(Figure { name: format!("decode/tiny/{what}"), value, unit });
+
+    // Mask times over every committed schema, think-then-JSON, sampled.
+    let mut schemas = Vec::new();
+    for entry in std::fs::read_dir("fixtures/schemas")? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "json") {
+            schemas.push(serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(&path)?)?);
+        }
+    }
+    let prompt = tokenizer.encode("Extract the record as JSON.")?;
+    let budget = if args.quick { 32 } else { 128 };
+    let sampled = |seed| SamplingConfig { temperature: 1.0, seed, ..Default::default() };
+    let requests: Vec<Request> = schemas.iter().map(|s| Request::new(prompt.clone(), Constraint::think_then_json(s.clone(), 16))).collect();
+    let mut masks = Vec::new();
+    for chunk in requests.chunks(16) {
+        let config = GenerateConfig { max_new_tokens: budget, sampling: sampled(3), ..Default::default() };
+        masks.extend(generator.generate(&model, chunk, &config)?.1.mask_micros);
+    }
+    fig(format!("mask time p50 ({} schemas, Qwen vocab)", schemas.len()), crate::cmd_decode::percentile(&masks, 0.5), "µs");
+    fig(format!("mask time p99 ({} schemas, Qwen vocab)", schemas.len()), crate::cmd_decode::percentile(&masks, 0.99), "µs");
+
+    let schema = schemas.first().cloned().unwrap_or_else(|| serde_json::json!({"type": "object"}));
+    let steps = if args.quick { 16 } else { 64 };
+    for batch in [1usize, 16] {
+        let mut per_step = [0.0f64; 2];
+        for (i, constrained) in [false, true].into_iter().enumerate() {
+            let constraint = if constrained { Constraint::think_then_json(schema.clone(), 24) } else { Constraint::None };
+            let reqs = vec![Request::new(prompt.clone(), constraint); batch];
+            let config = GenerateConfig { max_new_tokens: steps, sampling: sampled(5), ..Default::default() };
+            generator.generate(&model, &reqs, &GenerateConfig { max_new_tokens: 4, ..config.clone() })?; // warm-up
+            let (_, st) = generator.generate(&model, &reqs, &config)?;
+            let label = if constrained { "constrained" } else { "unconstrained" };
+            fig(format!("batch {batch} {label} tokens/s"), st.generated_tokens as f64 / st.total_secs, "tokens/s");
+            per_step[i] = st.total_secs / st.steps.max(1) as f64;
+            if constrained {
+                let mask_secs: f64 = st.mask_micros.iter().sum::<f64>() * 1e-6 / cores;
+                fig(format!("batch {batch} mask share of step time"), 100.0 * mask_secs / st.total_secs, "%");
+                fig(format!("batch {batch} forced tokens share"), 100.0 * st.forced_tokens as f64 / st.generated_tokens.max(1) as f64, "%");
+            }
+        }
+        fig(format!("batch {batch} constrained step-time overhead"), 100.0 * (per_step[1] / per_step[0] - 1.0), "%");
+    }
     Ok(())
 }
 

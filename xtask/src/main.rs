@@ -3,6 +3,7 @@
 
 mod backend;
 mod bench;
+mod cmd_decode;
 mod cmd_model;
 mod cmd_eval;
 mod cmd_synth;
@@ -38,6 +39,10 @@ enum Verb {
     Logits(cmd_model::LogitsArgs),
     /// Initialise a model from a preset with seeded random weights and save it in HF layout.
     InitModel(cmd_model::InitArgs),
+    /// Generate a completion with a model, optionally constrained to a JSON Schema (--think for think-then-JSON).
+    Generate(cmd_decode::GenerateArgs),
+    /// Compile every JSON Schema in a folder and report rejections by keyword; with --model, check outputs validate.
+    Schemas(cmd_decode::SchemasArgs),
     /// Generate synthetic (text, schema, object, reasoning) rows as JSONL, or print a file's variety figures.
     Synth(cmd_synth::SynthArgs),
     /// Import an external CSV/JSONL set (text, schema, object columns) into our JSONL format.
@@ -66,6 +71,8 @@ fn main() -> ExitCode {
     let result = match cli.verb {
         Verb::Logits(a) => cmd_model::logits(a),
         Verb::InitModel(a) => cmd_model::init(a),
+        Verb::Generate(a) => cmd_decode::generate(a),
+        Verb::Schemas(a) => cmd_decode::schemas(a),
         Verb::Synth(a) => cmd_synth::synth(a),
         Verb::Import(a) => cmd_synth::import(a),
         Verb::Eval(a) => cmd_eval::eval(a),

@@ -1,0 +1,27 @@
+//! Errors of the decode crate. Schema problems name the keyword and the JSON pointer.
+
+use thinkjson_model::ModelError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// A JSON Schema keyword the constrained decoder cannot enforce.
+    #[error("unsupported JSON Schema keyword `{keyword}` at `{pointer}`: constrained decoding cannot enforce it")]
+    UnsupportedKeyword { keyword: String, pointer: String },
+    #[error("remote `$ref` `{reference}` at `{pointer}`: only local references (`#/...`) are resolved")]
+    RemoteRef { reference: String, pointer: String },
+    #[error("unsupported string `format` `{format}` at `{pointer}` (supported: {supported})")]
+    UnknownFormat { format: String, pointer: String, supported: String },
+    #[error("invalid JSON Schema at `{pointer}`: {message}")]
+    InvalidSchema { pointer: String, message: String },
+    /// The grammar compiler (llguidance) rejected the constraint.
+    #[error("constraint does not compile: {0}")]
+    Grammar(String),
+    #[error("tokenizer for constrained decoding: {0}")]
+    Tokenizer(String),
+    #[error("invalid generation request: {0}")]
+    Input(String),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+}
+
+pub type Result<T> = std::result::Result<T, DecodeError>;

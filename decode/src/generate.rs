@@ -1,0 +1,483 @@
+//! The batched generation loop: prefill, then one step per token with the KV cache; per
+//! sequence a matcher masks the logits, forced tokens are fed without sampling, and
+//! stopping is decided per sequence.
+
+use std::time::Instant;
+
+use burn::tensor::activation::log_softmax;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+use llguidance::Matcher;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use thinkjson_model::{CausalLm, KvCache, Padding, TokenBatch, Tokenizer};
+
+use crate::constraint::{CompiledConstraint, Constraint};
+use crate::env::ConstraintEnv;
+use crate::error::{DecodeError, Result};
+use crate::sampling::{logprob_with_lse, sample, SamplingConfig};
+
+/// Settings shared by every sequence of a [`Generator::generate`] call.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GenerateConfig {
+    /// New tokens per sequence, forced tokens included.
+    pub max_new_tokens: usize,
+    pub sampling: SamplingConfig,
+    /// Generation ends at the first of these strings (the text is cut before it).
+    pub stop: Vec<String>,
+    /// `false` recomputes the whole sequence every step (a reference for the cache).
+    pub use_cache: bool,
+}
+
+impl Default for GenerateConfig {
+    fn default() -> Self {
+        Self { max_new_tokens: 256, sampling: SamplingConfig::default(), stop: Vec::new(), use_cache: true }
+    }
+}
+
+/// One sequence to generate.
+#[derive(Debug, Clone, Default)]
+pub struct Request {
+    /// Prompt token ids (e.g. from [`crate::chat_prompt`]).
+    pub prompt: Vec<u32>,
+    pub constraint: Constraint,
+    /// Overrides the seed derived from the config's seed and the request's index.
+    pub seed: Option<u64>,
+}
+
+impl Request {
+    pub fn new(prompt: Vec<u32>, constraint: Constraint) -> Self {
+        Self { prompt, constraint, seed: None }
+    }
+}
+
+/// Why a sequence stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// An end-of-sequence token was sampled (it is the last of `tokens`).
+    Eos,
+    /// A stop string appeared.
+    Stop,
+    /// `max_new_tokens` reached.
+    Length,
+    /// The constraint's grammar is complete: nothing more may follow.
+    ConstraintComplete,
+    /// The matcher failed (see `error`); should not happen with a compiled constraint.
+    ConstraintError,
+}
+
+/// The result for one sequence.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Completion {
+    /// Generated ids, forced tokens and a final end-of-sequence token included.
+    pub tokens: Vec<u32>,
+    /// Decoded text without special tokens (`skip_special_tokens`); when a stop string
+    /// ended the sequence, the text before it (added tokens such as `<think>` kept).
+    pub text: String,
+    /// `log_softmax(logits / temperature)` of each token over the whole vocabulary, before
+    /// any mask or truncation — the "old" log-probs of GRPO.
+    pub logprobs: Vec<f32>,
+    pub finish: FinishReason,
+    pub error: Option<String>,
+}
+
+/// Where the time of a call went.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct GenerationStats {
+    /// Forward passes, prefill included.
+    pub steps: usize,
+    pub generated_tokens: usize,
+    /// Tokens appended without sampling because the grammar allowed only one continuation.
+    pub forced_tokens: usize,
+    pub forward_secs: f64,
+    /// Masking, sampling and matcher updates (all sequences in parallel).
+    pub host_secs: f64,
+    /// Every mask computation, in microseconds.
+    pub mask_micros: Vec<f64>,
+    pub total_secs: f64,
+}
+
+/// Generates batches of completions for one tokenizer.
+pub struct Generator {
+    env: ConstraintEnv,
+    tokenizer: Tokenizer,
+    eos: Vec<u32>,
+    pad: u32,
+    vocab: usize,
+}
+
+impl std::fmt::Debug for Generator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Generator").field("env", &self.env).field("eos", &self.eos).finish()
+    }
+}
+
+/// What one forward pass hands back to the host.
+struct StepOutput {
+    /// Next-token logits, `[batch * vocab]`.
+    last: Vec<f32>,
+    /// `logsumexp(logits / t)` per row.
+    lse: Vec<f32>,
+    /// Log-probs of each row's forced tokens.
+    scored: Vec<Vec<f32>>,
+}
+
+struct Seq {
+    matcher: Option<Matcher>,
+    rng: ChaCha8Rng,
+    tokens: Vec<u32>,
+    logprobs: Vec<f32>,
+    /// Tokens to feed at the next forward.
+    pending: Vec<u32>,
+    /// How many trailing `pending` tokens still need their log-prob from that forward.
+    unscored: usize,
+    finish: Option<FinishReason>,
+    error: Option<String>,
+    bytes: Vec<u8>,
+    stop_at: Option<usize>,
+    mask_micros: Vec<f64>,
+    forced: usize,
+}
+
+impl Generator {
+    /// `n_vocab` is the model's logits width (≥ the tokenizer's vocabulary).
+    pub fn new(tokenizer: &Tokenizer, n_vocab: usize, extra_eos: &[u32]) -> Result<Self> {
+        let mut eos = tokenizer.special().eos_ids.clone();
+        for &e in extra_eos {
+            if !eos.contains(&e) {
+                eos.push(e);
+            }
+        }
+        if eos.is_empty() {
+            return Err(DecodeError::Tokenizer("no end-of-sequence token is known".into()));
+        }
+        let mut tok = tokenizer.clone();
+        let mut special = tok.special().clone();
+        special.eos_ids = eos.clone();
+        tok = Tokenizer::from_inner(tok.inner().clone(), special);
+        let env = ConstraintEnv::new(&tok, n_vocab)?;
+        let pad = tokenizer.special().pad_id.unwrap_or(eos[0]);
+        Ok(Self { env, vocab: tokenizer.vocab_size().min(n_vocab), tokenizer: tok, eos, pad })
+    }
+
+    /// For a model: its vocabulary size and end-of-sequence ids.
+    pub fn for_model<B: Backend>(tokenizer: &Tokenizer, model: &CausalLm<B>) -> Result<Self> {
+        let c = model.config();
+        Self::new(tokenizer, c.vocab_size, &c.eos_token_ids)
+    }
+
+    pub fn env(&self) -> &ConstraintEnv {
+        &self.env
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// Compiles a constraint now (errors name the schema keyword and pointer).
+    pub fn compile(&self, constraint: &Constraint) -> Result<Option<CompiledConstraint>> {
+        constraint.compile(&self.env)
+    }
+
+    /// Generates one completion per request. Every constraint is compiled before the
+    /// first forward pass, so a bad schema fails the call without generating anything.
+    pub fn generate<B: Backend>(
+        &self,
+        model: &CausalLm<B>,
+        requests: &[Request],
+        config: &GenerateConfig,
+    ) -> Result<(Vec<Completion>, GenerationStats)> {
+        let start = Instant::now();
+        if requests.is_empty() {
+            return Ok((Vec::new(), GenerationStats::default()));
+        }
+        if let Some(i) = requests.iter().position(|r| r.prompt.is_empty()) {
+            return Err(DecodeError::Input(format!("request {i} has an empty prompt")));
+        }
+        let mut compiled: Vec<(&Constraint, Option<CompiledConstraint>)> = Vec::new();
+        let mut seqs = Vec::with_capacity(requests.len());
+        for (i, r) in requests.iter().enumerate() {
+            let matcher = match compiled.iter().find(|(c, _)| *c == &r.constraint) {
+                Some((_, cc)) => cc.as_ref().map(CompiledConstraint::matcher),
+                None => {
+                    let cc = r.constraint.compile(&self.env)?;
+                    let m = cc.as_ref().map(CompiledConstraint::matcher);
+                    compiled.push((&r.constraint, cc));
+                    m
+                }
+            };
+            let seed = r.seed.unwrap_or_else(|| config.sampling.seed.wrapping_add((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)));
+            seqs.push(Seq {
+                matcher,
+                rng: ChaCha8Rng::seed_from_u64(seed),
+                tokens: Vec::new(),
+                logprobs: Vec::new(),
+                pending: r.prompt.clone(),
+                unscored: 0,
+                finish: (config.max_new_tokens == 0).then_some(FinishReason::Length),
+                error: None,
+                bytes: Vec::new(),
+                stop_at: None,
+                mask_micros: Vec::new(),
+                forced: 0,
+            });
+        }
+
+        let mut stats = GenerationStats::default();
+        let mut cache = KvCache::<B>::new(requests.len(), model.config().num_hidden_layers);
+        let temperature = config.sampling.temperature;
+        loop {
+            if seqs.iter().all(|s| s.pending.is_empty()) {
+                break;
+            }
+            let t0 = Instant::now();
+            let StepOutput { last, lse, scored } = self.forward_step(model, requests, &seqs, &mut cache, config.use_cache, temperature)?;
+            stats.forward_secs += t0.elapsed().as_secs_f64();
+            stats.steps += 1;
+
+            let t1 = Instant::now();
+            let vocab = model.config().vocab_size;
+            seqs.par_iter_mut().enumerate().for_each(|(b, seq)| {
+                if seq.pending.is_empty() {
+                    return;
+                }
+                // Log-probs of forced tokens come from the positions before them.
+                let n = seq.tokens.len();
+                for (k, &lp) in scored[b].iter().enumerate() {
+                    seq.logprobs[n - seq.unscored + k] = lp;
+                }
+                seq.pending.clear();
+                seq.unscored = 0;
+                if seq.finish.is_none() {
+                    let row = &last[b * vocab..(b + 1) * vocab];
+                    self.advance(seq, row, lse[b], config);
+                }
+            });
+            stats.host_secs += t1.elapsed().as_secs_f64();
+        }
+
+        let mut out = Vec::with_capacity(seqs.len());
+        for seq in seqs {
+            let shown: Vec<u32> = seq.tokens.iter().copied().filter(|t| (*t as usize) < self.vocab).collect();
+            let text = match seq.stop_at {
+                Some(cut) => String::from_utf8_lossy(&seq.bytes[..cut.min(seq.bytes.len())]).into_owned(),
+                None => self.tokenizer.decode(&shown, true)?,
+            };
+            stats.generated_tokens += seq.tokens.len();
+            stats.forced_tokens += seq.forced;
+            stats.mask_micros.extend(seq.mask_micros);
+            out.push(Completion {
+                tokens: seq.tokens,
+                text,
+                logprobs: seq.logprobs,
+                finish: seq.finish.unwrap_or(FinishReason::Length),
+                error: seq.error,
+            });
+        }
+        stats.total_secs = start.elapsed().as_secs_f64();
+        Ok((out, stats))
+    }
+
+    /// Runs the model on every sequence's pending tokens. Returns the next-token logits of
+    /// each row (`[batch * vocab]`, host), each row's `logsumexp(logits / t)`, and the
+    /// log-probs of each row's forced tokens (`[batch][unscored]`).
+    fn forward_step<B: Backend>(
+        &self,
+        model: &CausalLm<B>,
+        requests: &[Request],
+        seqs: &[Seq],
+        cache: &mut KvCache<B>,
+        use_cache: bool,
+        temperature: f32,
+    ) -> Result<StepOutput> {
+        let b = seqs.len();
+        let width = seqs.iter().map(|s| s.pending.len()).max().unwrap_or(1).max(1);
+        let hidden = if use_cache {
+            let mut ids = Vec::with_capacity(b * width);
+            let mut mask = Vec::with_capacity(b * width);
+            for s in seqs {
+                let pad = width - s.pending.len();
+                ids.extend(std::iter::repeat_n(self.pad, pad).chain(s.pending.iter().copied()));
+                mask.extend(std::iter::repeat_n(false, pad).chain(std::iter::repeat_n(true, s.pending.len())));
+            }
+            let batch = TokenBatch { ids, mask, batch: b, seq: width };
+            // Forced runs pad every other row; squeeze the pads out once they dominate.
+            if cache.len() > 2 * cache.max_valid() + 16 {
+                cache.compact();
+            }
+            model.hidden_cached(&batch, cache)?
+        } else {
+            // Full recomputation: prompt + everything generated, left-padded, so the newest
+            // tokens of every row sit in the last columns just as with the cache.
+            let full: Vec<Vec<u32>> = requests
+                .iter()
+                .zip(seqs)
+                .map(|(r, s)| r.prompt.iter().chain(&s.tokens).copied().collect())
+                .collect();
+            let batch = TokenBatch::new(&full, Padding::Left, self.pad)?;
+            let h = model.hidden_states(&batch)?;
+            let seq = batch.seq;
+            let dims = h.dims();
+            h.slice([0..dims[0], seq - width.min(seq)..seq])
+        };
+        let [_, s, h] = hidden.dims();
+        let vocab = model.config().vocab_size;
+        let t = if temperature > 0.0 { temperature } else { 1.0 };
+        let device = hidden.device();
+        let last = model.logits(hidden.clone().slice([0..b, s - 1..s, 0..h])).reshape([b, vocab]);
+        // logsumexp(logits / t) per row on the device: the sampled token's log-prob then
+        // costs one subtraction on the host.
+        let scaled = last.clone() / t;
+        let peak = scaled.clone().max_dim(1);
+        let lse = (scaled - peak.clone()).exp().sum_dim(1).log() + peak;
+        let lse: Vec<f32> = to_vec(lse.reshape([b]).into_data())?;
+        let last: Vec<f32> = to_vec(last.into_data())?;
+
+        // Forced tokens: logits only at the positions that predict them (the token before).
+        let mut positions = Vec::new();
+        let mut targets = Vec::new();
+        for (bi, seq) in seqs.iter().enumerate() {
+            let n = seq.pending.len();
+            for k in 0..seq.unscored {
+                positions.push((bi * s + s - seq.unscored + k - 1) as i64);
+                targets.push(seq.pending[n - seq.unscored + k] as i64);
+            }
+        }
+        let mut scored = vec![Vec::new(); b];
+        if !positions.is_empty() {
+            let n = positions.len();
+            let rows = hidden.reshape([b * s, h]).select(0, Tensor::<B, 1, Int>::from_data(TensorData::new(positions, [n]), &device));
+            let logits = model.logits(rows.reshape([1, n, h]));
+            let targets = Tensor::<B, 3, Int>::from_data(TensorData::new(targets, [1, n, 1]), &device);
+            let lp: Vec<f32> = to_vec(log_softmax(logits / t, 2).gather(2, targets).reshape([n]).into_data())?;
+            let mut it = lp.into_iter();
+            for (bi, seq) in seqs.iter().enumerate() {
+                scored[bi] = it.by_ref().take(seq.unscored).collect();
+            }
+        }
+        Ok(StepOutput { last, lse, scored })
+    }
+
+    /// Samples one token for `seq` from its logits row, updates its matcher, appends forced
+    /// tokens, and decides whether it has finished.
+    fn advance(&self, seq: &mut Seq, row: &[f32], lse: f32, config: &GenerateConfig) {
+        let allowed = match seq.matcher.as_mut() {
+            Some(m) => {
+                let t = Instant::now();
+                let mask = m.compute_mask();
+                seq.mask_micros.push(t.elapsed().as_secs_f64() * 1e6);
+                match mask {
+                    Ok(mask) => {
+                        let mut ids = Vec::with_capacity(mask.num_set().min(4096));
+                        mask.iter_set_entries(|i| ids.push(i as u32));
+                        Some(ids)
+                    }
+                    Err(e) => return fail(seq, e.to_string()),
+                }
+            }
+            None => None,
+        };
+        let sampled = match &allowed {
+            Some(ids) => sample(row, Some(ids), &config.sampling, &mut seq.rng),
+            None => sample(&row[..self.vocab.min(row.len())], None, &config.sampling, &mut seq.rng),
+        };
+        let Some(token) = sampled else {
+            return fail(seq, "the constraint allows no token here".into());
+        };
+        seq.tokens.push(token);
+        seq.logprobs.push(logprob_with_lse(row, token as usize, config.sampling.temperature, lse));
+        if self.eos.contains(&token) {
+            seq.finish = Some(FinishReason::Eos);
+            return;
+        }
+        self.append_bytes(seq, &[token], config);
+        let mut feed = vec![token];
+        if let Some(mut m) = seq.matcher.take() {
+            let result = self.follow_grammar(seq, &mut m, token, config, &mut feed);
+            seq.matcher = Some(m);
+            if let Err(e) = result {
+                return fail(seq, e);
+            }
+        }
+        if seq.finish.is_none() && seq.tokens.len() >= config.max_new_tokens {
+            seq.finish = Some(FinishReason::Length);
+        }
+        // Feed the new tokens unless nothing more will be read from the model: a finished
+        // sequence is still fed when its forced tokens need log-probs.
+        if seq.finish.is_none() || seq.unscored > 0 {
+            seq.pending = feed;
+        }
+    }
+
+    /// Advances the matcher by the sampled token, then appends what the grammar forces.
+    fn follow_grammar(&self, seq: &mut Seq, m: &mut Matcher, token: u32, config: &GenerateConfig, feed: &mut Vec<u32>) -> std::result::Result<(), String> {
+        {
+            if let Err(e) = m.consume_token(token) {
+                return Err(e.to_string());
+            }
+            if m.is_stopped() {
+                seq.finish.get_or_insert(FinishReason::ConstraintComplete);
+            } else if seq.finish.is_none() {
+                let room = config.max_new_tokens.saturating_sub(seq.tokens.len());
+                let mut ff = m.compute_ff_tokens();
+                ff.truncate(room);
+                if !ff.is_empty() {
+                    if let Err(e) = m.consume_tokens(&ff) {
+                        return Err(e.to_string());
+                    }
+                    seq.tokens.extend_from_slice(&ff);
+                    seq.logprobs.extend(std::iter::repeat_n(f32::NAN, ff.len()));
+                    seq.forced += ff.len();
+                    seq.unscored = ff.len();
+                    self.append_bytes(seq, &ff, config);
+                    feed.extend_from_slice(&ff);
+                    if m.is_stopped() {
+                        seq.finish.get_or_insert(FinishReason::ConstraintComplete);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn append_bytes(&self, seq: &mut Seq, tokens: &[u32], config: &GenerateConfig) {
+        let from = seq.bytes.len();
+        seq.bytes.extend(self.env.trie().decode_ext(tokens, true));
+        if config.stop.is_empty() || seq.stop_at.is_some() {
+            return;
+        }
+        let longest = config.stop.iter().map(String::len).max().unwrap_or(0);
+        let window_start = from.saturating_sub(longest);
+        let window = &seq.bytes[window_start..];
+        let hit = config
+            .stop
+            .iter()
+            .filter(|s| !s.is_empty())
+            .filter_map(|s| find(window, s.as_bytes()))
+            .min();
+        if let Some(pos) = hit {
+            seq.stop_at = Some(window_start + pos);
+            seq.finish.get_or_insert(FinishReason::Stop);
+        }
+    }
+}
+
+fn fail(seq: &mut Seq, message: String) {
+    seq.finish = Some(FinishReason::ConstraintError);
+    seq.error = Some(message);
+    seq.unscored = 0;
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+fn to_vec(data: TensorData) -> Result<Vec<f32>> {
+    data.convert::<f32>()
+        .into_vec::<f32>()
+        .map_err(|e| DecodeError::Input(format!("reading logits back from the device: {e:?}")))
+}

@@ -1,0 +1,53 @@
+//! # thinkjson-decode
+//!
+//! Batched text generation on any `thinkjson-model` backend, with per-sequence
+//! constraints enforced by llguidance token masks: a JSON Schema, a Lark grammar, or the
+//! paper's hybrid format — free reasoning in `<think>…</think>`, then JSON valid against
+//! a schema inside `<answer>…</answer>`.
+//!
+//! Key types: [`Generator`] (one per tokenizer), [`Request`] (a prompt and its
+//! [`Constraint`]), [`GenerateConfig`] / [`SamplingConfig`], [`Completion`] (tokens, text,
+//! log-probs, [`FinishReason`]) and [`GenerationStats`].
+//!
+//! The loop inside [`Generator::generate`]:
+//! 1. compile every constraint (a schema the engine cannot enforce is an error naming the
+//!    keyword and its JSON pointer — see [`check_schema`]);
+//! 2. prefill the left-padded prompts into a KV cache;
+//! 3. per step and per sequence, in parallel: compute the allowed-token mask, sample
+//!    (greedy, temperature, top-k, top-p, min-p; seeded), advance the matcher, and append
+//!    the tokens the grammar forces without sampling them;
+//! 4. feed the new tokens of every live sequence in one forward pass; forced tokens get
+//!    their log-probs from that same pass;
+//! 5. stop each sequence on an end-of-sequence token, a stop string, the length limit or
+//!    the end of its grammar.
+//!
+//! ```no_run
+//! use thinkjson_decode::{Constraint, GenerateConfig, Generator, Request};
+//! use thinkjson_model::{CausalLm, CpuBackend, ModelConfig, Tokenizer};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let tokenizer = Tokenizer::from_path("assets/qwen".as_ref())?;
+//! let model = CausalLm::<CpuBackend>::random(&ModelConfig::preset("tiny")?, 1, &Default::default())?;
+//! let generator = Generator::for_model(&tokenizer, &model)?;
+//! let schema = serde_json::json!({"type": "object", "properties": {"lot": {"type": "string"}}, "required": ["lot"]});
+//! let prompt = tokenizer.encode("Extract the lot number: lot A-17.")?;
+//! let request = Request::new(prompt, Constraint::think_then_json(schema, 64));
+//! let (out, _stats) = generator.generate(&model, &[request], &GenerateConfig::default())?;
+//! println!("{} ({:?})", out[0].text, out[0].finish);
+//! # Ok(()) }
+//! ```
+
+mod constraint;
+mod env;
+mod error;
+mod generate;
+mod prompt;
+mod sampling;
+mod schema_check;
+
+pub use constraint::{CompiledConstraint, Constraint, JsonStyle};
+pub use env::ConstraintEnv;
+pub use error::{DecodeError, Result};
+pub use generate::{Completion, FinishReason, GenerateConfig, GenerationStats, Generator, Request};
+pub use prompt::chat_prompt;
+pub use sampling::{logprob_with_lse, sample, token_logprob, SamplingConfig};
+pub use schema_check::{check_schema, SUPPORTED_FORMATS, UNSUPPORTED_KEYWORDS};

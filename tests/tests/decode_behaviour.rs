@@ -1,0 +1,269 @@
+//! Generation mechanics: KV cache vs recomputation, batch vs single, seeds, log-probs,
+//! stopping, layout options, and rejection of schemas the decoder cannot enforce.
+
+mod common;
+
+use serde_json::{json, Value};
+use thinkjson_decode::{
+    Constraint, DecodeError, FinishReason, GenerateConfig, Generator, JsonStyle, Request, SamplingConfig,
+};
+use thinkjson_model::{CausalLm, CpuBackend, ModelConfig, Padding, TokenBatch, Tokenizer};
+
+fn qwen() -> Tokenizer {
+    Tokenizer::from_path(&common::assets().join("qwen")).expect("qwen tokenizer")
+}
+
+fn tiny(seed: u64) -> CausalLm<CpuBackend> {
+    let config = ModelConfig::preset("tiny").expect("preset");
+    CausalLm::<CpuBackend>::random(&config, seed, &Default::default()).expect("model")
+}
+
+fn schema() -> Value {
+    json!({"type": "object", "properties": {
+        "lot": {"type": "string", "pattern": "^[A-Z]{2}-[0-9]{3}$"},
+        "status": {"enum": ["released", "rejected"]},
+        "count": {"type": "integer", "minimum": 0, "maximum": 99}
+    }, "required": ["lot", "status", "count"], "additionalProperties": false})
+}
+
+fn requests(tok: &Tokenizer, constraint: &Constraint) -> Vec<Request> {
+    ["Batch AB-123 was released.", "Count", "Lot XY-999: rejected, 12 units counted today."]
+        .iter()
+        .map(|p| Request::new(tok.encode(p).expect("encode"), constraint.clone()))
+        .collect()
+}
+
+fn greedy(n: usize) -> GenerateConfig {
+    GenerateConfig { max_new_tokens: n, sampling: SamplingConfig::greedy(), ..Default::default() }
+}
+
+#[test]
+fn cached_greedy_equals_recomputed_greedy() {
+    let tok = qwen();
+    let model = tiny(3);
+    let generator = Generator::for_model(&tok, &model).expect("generator");
+    for constraint in [Constraint::None, Constraint::json_schema(schema()), Constraint::think_then_json(schema(), 8)] {
+        let reqs = requests(&tok, &constraint);
+        let cached = generator.generate(&model, &reqs, &greedy(40)).expect("cached").0;
+        let full = generator.generate(&model, &reqs, &GenerateConfig { use_cache: false, ..greedy(40) }).expect("full").0;
+        for (a, b) in cached.iter().zip(&full) {
+            assert_eq!(a.tokens, b.tokens, "{constraint:?}");
+            assert_eq!(a.finish, b.finish);
+            let diff = common::max_abs_diff(&a.logprobs, &b.logprobs);
+            assert!(diff < 1e-4, "log-probs differ by {diff}");
+        }
+    }
+}
+
+#[test]
+fn batch_gives_each_sequence_what_it_gets_alone() {
+    let tok = qwen();
+    let model = tiny(4);
+    let generator = Generator::for_model(&tok, &model).expect("generator");
+    for constraint in [Constraint::None, Constraint::think_then_json(schema(), 8)] {
+        let reqs = requests(&tok, &constraint);
+        let together = generator.generate(&model, &reqs, &greedy(32)).expect("batch").0;
+        for (r, t) in reqs.iter().zip(&together) {
+            let alone = generator.generate(&model, std::slice::from_ref(r), &greedy(32)).expect("alone").0;
+            assert_eq!(alone[0].tokens, t.tokens);
+        }
+    }
+}
+
+#[test]
+fn same_seed_same_tokens_other_seed_other_tokens() {
+    let tok = qwen();
+    let model = tiny(5);
+    let generator = Generator::for_model(&tok, &model).expect("generator");
+    let reqs = requests(&tok, &Constraint::None);
+    let config = |seed| GenerateConfig {
+        max_new_tokens: 16,
+        sampling: SamplingConfig { temperature: 0.9, top_k: 50, top_p: 0.95, min_p: 0.01, seed },
+        ..Default::default()
+    };
+    let a = generator.generate(&model, &reqs, &config(1)).expect("a").0;
+    let b = generator.generate(&model, &reqs, &config(1)).expect("b").0;
+    let c = generator.generate(&model, &reqs, &config(2)).expect("c").0;
+    assert_eq!(a, b);
+    assert_ne!(a.iter().map(|x| &x.tokens).collect::<Vec<_>>(), c.iter().map(|x| &x.tokens).collect::<Vec<_>>());
+}
+
+#[test]
+fn logprobs_of_sampled_and_forced_tokens_match_a_full_forward() {
+    let tok = qwen();
+    let model = tiny(6);
+    let generator = Generator::for_model(&tok, &model).expect("generator");
+    let temperature = 0.7;
+    let reqs = requests(&tok, &Constraint::think_then_json(schema(), 8));
+    let config = GenerateConfig {
+        max_new_tokens: 60,
+        sampling: SamplingConfig { temperature, seed: 9, ..Default::default() },
+        ..Default::default()
+    };
+    let (outs, stats) = generator.generate(&model, &reqs, &config).expect("generate");
+    assert!(stats.forced_tokens > 0, "the grammar should force some tokens");
+    for (r, o) in reqs.iter().zip(&outs) {
+        let full: Vec<u32> = r.prompt.iter().chain(&o.tokens).copied().collect();
+        let batch = TokenBatch::new(std::slice::from_ref(&full), Padding::Right, 0).expect("batch");
+        let logits = common::to_vec(model.forward(&batch).expect("forward"));
+        let v = model.config().vocab_size;
+        for (k, &t) in o.tokens.iter().enumerate() {
+            let pos = r.prompt.len() + k - 1;
+            let row: Vec<f32> = logits[pos * v..(pos + 1) * v].to_vec();
+            let want = thinkjson_decode::token_logprob(&row, t as usize, temperature);
+            assert!((o.logprobs[k] - want).abs() < 1e-4, "token {k}: {} vs {want}", o.logprobs[k]);
+        }
+    }
+}
+
+#[test]
+fn finish_reasons_length_stop_and_grammar() {
+    let tok = qwen();
+    let model = tiny(7);
+    let generator = Generator::for_model(&tok, &model).expect("generator");
+    let prompt = tok.encode("Report:").expect("encode");
+    let free = generator.generate(&model, &[Request::new(prompt.clone(), Constraint::None)], &greedy(5)).expect("free").0;
+    assert_eq!(free[0].finish, FinishReason::Length);
+    assert_eq!(free[0].tokens.len(), 5);
+
+    // A stop string taken from what greedy decoding will produce anyway.
+    let longer = generator.generate(&model, &[Request::new(prompt.clone(), Constraint::None)], &greedy(12)).expect("free").0;
+    let text = &longer[0].text;
+    let stop: String = text.chars().skip(text.chars().count() / 2).take(2).collect();
+    let cut = text.find(&stop).expect("stop inside text");
+    let config = GenerateConfig { stop: vec![stop.clone()], ..greedy(12) };
+    let stopped = generator.generate(&model, &[Request::new(prompt.clone(), Constraint::None)], &config).expect("stop").0;
+    assert_eq!(stopped[0].finish, FinishReason::Stop);
+    assert_eq!(stopped[0].text, text[..cut]);
+
+    let c = Constraint::json_schema(json!({"type": "object", "properties": {"ok": {"const": true}}, "required": ["ok"], "additionalProperties": false}));
+    let done = generator.generate(&model, &[Request::new(prompt, c)], &greedy(50)).expect("json").0;
+    assert_eq!(done[0].text, r#"{"ok":true}"#);
+    assert_eq!(done[0].finish, FinishReason::ConstraintComplete);
+}
+
+#[test]
+fn json_styles_control_layout() {
+    let tok = qwen();
+    let model = tiny(8);
+    let generator = Generator::for_model(&tok, &model).expect("generator");
+    let prompt = tok.encode("Give the record.").expect("encode");
+    let schema = json!({"type": "object", "properties": {"a": {"const": 1}, "b": {"const": [true, null]}}, "required": ["a", "b"], "additionalProperties": false});
+    let run = |style| {
+        let c = Constraint::JsonSchema { schema: schema.clone(), style };
+        generator.generate(&model, &[Request::new(prompt.clone(), c)], &greedy(40)).expect("generate").0.remove(0).text
+    };
+    assert_eq!(run(JsonStyle::Compact), r#"{"a":1,"b":[true,null]}"#);
+    assert_eq!(run(JsonStyle::Spaced), r#"{"a": 1, "b": [true, null]}"#);
+    // Flexible whitespace is bounded: never more than 2 whitespace characters in a row.
+    let sampled = {
+        let c = Constraint::JsonSchema { schema: schema.clone(), style: JsonStyle::Flexible { max_whitespace: 2 } };
+        let config = GenerateConfig { max_new_tokens: 60, sampling: SamplingConfig { seed: 3, ..Default::default() }, ..Default::default() };
+        generator.generate(&model, &[Request::new(prompt.clone(), c)], &config).expect("generate").0.remove(0)
+    };
+    assert_eq!(sampled.finish, FinishReason::ConstraintComplete, "{:?}", sampled.text);
+    let v: Value = serde_json::from_str(&sampled.text).expect("valid JSON");
+    assert_eq!(v, json!({"a": 1, "b": [true, null]}));
+    let mut run_len = 0;
+    for ch in sampled.text.chars() {
+        run_len = if ch.is_whitespace() { run_len + 1 } else { 0 };
+        assert!(run_len <= 2, "{:?}", sampled.text);
+    }
+}
+
+#[test]
+fn unsupported_keywords_are_rejected_by_name_and_pointer() {
+    let tok = qwen();
+    let model = tiny(9);
+    let generator = Generator::for_model(&tok, &model).expect("generator");
+    let cases: Vec<(&str, Value)> = vec![
+        ("not", json!({"not": {"type": "string"}})),
+        ("if", json!({"if": {"type": "string"}, "then": {"maxLength": 3}})),
+        ("uniqueItems", json!({"type": "array", "uniqueItems": true})),
+        ("contains", json!({"type": "array", "contains": {"type": "integer"}})),
+        ("dependentRequired", json!({"type": "object", "dependentRequired": {"a": ["b"]}})),
+        ("propertyNames", json!({"type": "object", "propertyNames": {"maxLength": 3}})),
+        ("unevaluatedProperties", json!({"type": "object", "unevaluatedProperties": false})),
+    ];
+    for (keyword, inner) in cases {
+        let schema = json!({"type": "object", "properties": {"field": inner}});
+        let err = generator.compile(&Constraint::json_schema(schema)).expect_err(keyword);
+        match &err {
+            DecodeError::UnsupportedKeyword { keyword: k, pointer } => {
+                assert_eq!(k, keyword);
+                assert_eq!(pointer, "/properties/field");
+            }
+            other => panic!("{keyword}: {other:?}"),
+        }
+        assert!(err.to_string().contains(keyword));
+    }
+    let remote = json!({"type": "object", "properties": {"x": {"$ref": "https://example.com/s.json"}}});
+    assert!(matches!(generator.compile(&Constraint::json_schema(remote)), Err(DecodeError::RemoteRef { .. })));
+    let format = json!({"type": "string", "format": "credit-card"});
+    assert!(matches!(generator.compile(&Constraint::json_schema(format)), Err(DecodeError::UnknownFormat { .. })));
+    let invalid = json!({"type": "object", "properties": {"x": {"type": "strng"}}});
+    match generator.compile(&Constraint::json_schema(invalid)) {
+        Err(DecodeError::InvalidSchema { .. }) => {}
+        other => panic!("invalid schema accepted: {other:?}"),
+    }
+    let unsatisfiable = json!({"type": "integer", "minimum": 5, "maximum": 1});
+    assert!(generator.compile(&Constraint::json_schema(unsatisfiable)).is_err());
+    let lenient = json!({"type": "object", "x-guidance": {"lenient": true}});
+    assert!(generator.compile(&Constraint::json_schema(lenient)).is_err());
+
+    // In a batch, one bad schema fails the call before anything is generated.
+    let prompt = tok.encode("x").expect("encode");
+    let reqs = vec![
+        Request::new(prompt.clone(), Constraint::None),
+        Request::new(prompt, Constraint::think_then_json(json!({"type": "array", "uniqueItems": false}), 8)),
+    ];
+    assert!(matches!(generator.generate(&model, &reqs, &greedy(4)), Err(DecodeError::UnsupportedKeyword { .. })));
+}
+
+/// The training targets (from `synth`) are sentences of the think-then-JSON grammar, with
+/// `<think>` as a special token (Qwen) and as plain text (a tokenizer without it).
+#[test]
+fn training_completions_are_accepted_by_the_think_grammar() {
+    let rows = thinkjson_synth::generate(thinkjson_synth::SynthConfig { rows: 6, seed: 4, ..Default::default() }).expect("synth");
+    for tok_path in [common::assets().join("qwen"), common::fixtures().join("tokenizer/no-think-tokenizer.json")] {
+        let tok = Tokenizer::from_path(&tok_path).expect("tokenizer");
+        let generator = Generator::new(&tok, tok.vocab_size(), &[]).expect("generator");
+        for row in &rows {
+            let completion = thinkjson_synth::prompt::completion(&row.reasoning, &row.object);
+            let ids = tok.encode(&completion).expect("encode");
+            let compiled = generator.compile(&Constraint::think_then_json(row.schema.clone(), 4096)).expect("compile").expect("constraint");
+            let mut m = compiled.matcher();
+            for (i, &t) in ids.iter().enumerate() {
+                let mask = m.compute_mask().expect("mask");
+                assert!(mask.is_allowed(t), "{}: token {i} ({t}) of {completion:?} not allowed", tok_path.display());
+                m.consume_token(t).expect("consume");
+            }
+            assert!(m.is_stopped() || m.is_accepting().unwrap_or(false), "grammar not complete after the target");
+        }
+    }
+}
+
+#[test]
+fn compacting_the_kv_cache_keeps_the_logits() {
+    let model = tiny(10);
+    let mut plain = thinkjson_model::KvCache::new(2, model.config().num_hidden_layers);
+    let prompts = TokenBatch::new(&[vec![5, 6], (10..22).collect()], Padding::Left, 0).expect("batch");
+    // Row 0 feeds six tokens, row 1 one: five pad columns for row 1.
+    let wide = TokenBatch {
+        ids: vec![7, 8, 9, 10, 11, 12, 0, 0, 0, 0, 0, 30],
+        mask: vec![true, true, true, true, true, true, false, false, false, false, false, true],
+        batch: 2,
+        seq: 6,
+    };
+    let step = TokenBatch::step(&[Some(40), Some(41)], 0).expect("step");
+    model.forward_cached(&prompts, &mut plain).expect("prefill");
+    model.forward_cached(&wide, &mut plain).expect("wide");
+    let mut compacted = plain.clone();
+    compacted.compact();
+    assert_eq!(compacted.len(), 13);
+    assert!(plain.len() > compacted.len());
+    let a = common::to_vec(model.forward_cached(&step, &mut plain).expect("plain"));
+    let b = common::to_vec(model.forward_cached(&step, &mut compacted).expect("compacted"));
+    let diff = common::max_abs_diff(&a, &b);
+    assert!(diff < 1e-5, "compaction changed logits by {diff}");
+}

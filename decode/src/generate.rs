@@ -304,7 +304,7 @@ impl Generator {
                 ids.extend(std::iter::repeat_n(self.pad, pad).chain(s.pending.iter().copied()));
                 mask.extend(std::iter::repeat_n(false, pad).chain(std::iter::repeat_n(true, s.pending.len())));
             }
-            let batch = TokenBatch { ids, mask, batch: b, seq: width };
+            let batch = TokenBatch { ids, mask, batch: b, seq: width, segments: None };
             // Forced runs pad every other row; squeeze the pads out once they dominate.
             if cache.len() > 2 * cache.max_valid() + 16 {
                 cache.compact();

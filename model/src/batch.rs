@@ -19,6 +19,9 @@ pub struct TokenBatch {
     pub mask: Vec<bool>,
     pub batch: usize,
     pub seq: usize,
+    /// `[batch * seq]` segment index of each position when several examples are packed into
+    /// one row: positions restart at each segment and attention never crosses segments.
+    pub segments: Option<Vec<u32>>,
 }
 
 impl TokenBatch {
@@ -51,6 +54,44 @@ impl TokenBatch {
             mask,
             batch: sequences.len(),
             seq,
+            segments: None,
+        })
+    }
+
+    /// Packs several sequences into each row (right-padded): `rows[r]` lists the sequences of
+    /// row `r`. Each keeps its own positions from 0 and attends only to itself, so its logits
+    /// equal those of an unpacked forward.
+    pub fn packed(rows: &[Vec<Vec<u32>>], pad_id: u32) -> Result<Self> {
+        if rows.is_empty() {
+            return Err(ModelError::Input("empty batch".into()));
+        }
+        for (r, row) in rows.iter().enumerate() {
+            if row.is_empty() || row.iter().any(Vec::is_empty) {
+                return Err(ModelError::Input(format!("packed row {r} has an empty sequence")));
+            }
+        }
+        let seq = rows.iter().map(|r| r.iter().map(Vec::len).sum::<usize>()).max().unwrap_or(0);
+        let n = rows.len() * seq;
+        let (mut ids, mut mask, mut segments) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        for row in rows {
+            let mut used = 0;
+            for (si, s) in row.iter().enumerate() {
+                ids.extend_from_slice(s);
+                mask.extend(std::iter::repeat_n(true, s.len()));
+                segments.extend(std::iter::repeat_n(si as u32, s.len()));
+                used += s.len();
+            }
+            // Pads get a segment of their own, so no real token attends to them.
+            ids.extend(std::iter::repeat_n(pad_id, seq - used));
+            mask.extend(std::iter::repeat_n(false, seq - used));
+            segments.extend(std::iter::repeat_n(row.len() as u32, seq - used));
+        }
+        Ok(Self {
+            ids,
+            mask,
+            batch: rows.len(),
+            seq,
+            segments: Some(segments),
         })
     }
 
@@ -65,6 +106,7 @@ impl TokenBatch {
             mask: tokens.iter().map(Option::is_some).collect(),
             batch: tokens.len(),
             seq: 1,
+            segments: None,
         })
     }
 
@@ -79,6 +121,14 @@ impl TokenBatch {
                 self.ids.len(),
                 self.mask.len()
             )));
+        }
+        if let Some(seg) = &self.segments {
+            if seg.len() != n {
+                return Err(ModelError::Input(format!(
+                    "inconsistent batch: {n} positions but {} segment entries",
+                    seg.len()
+                )));
+            }
         }
         Ok(())
     }
@@ -114,8 +164,14 @@ pub(crate) fn plan(batch: &TokenBatch, past_valid: &[Vec<bool>], next_pos: &[usi
     let no_past: &[bool] = &[];
     for (bi, row) in batch.mask.chunks(s).enumerate() {
         let cached = past_valid.get(bi).map_or(no_past, Vec::as_slice);
+        let seg = batch.segments.as_ref().map(|v| &v[bi * s..(bi + 1) * s]);
         let mut pos = next_pos.get(bi).copied().unwrap_or(0);
         for (i, &real) in row.iter().enumerate() {
+            if let Some(seg) = seg {
+                if i > 0 && seg[i] != seg[i - 1] {
+                    pos = 0;
+                }
+            }
             positions.push(pos as f32);
             if real {
                 pos += 1;
@@ -127,7 +183,11 @@ pub(crate) fn plan(batch: &TokenBatch, past_valid: &[Vec<bool>], next_pos: &[usi
                 } else {
                     row[key - past]
                 };
-                let allowed = key == query || (key < query && key_real);
+                let same_segment = match seg {
+                    Some(seg) if key >= past => seg[key - past] == seg[i],
+                    _ => true,
+                };
+                let allowed = key == query || (key < query && key_real && same_segment);
                 blocked.push(!allowed);
             }
         }
@@ -139,7 +199,11 @@ pub(crate) fn plan(batch: &TokenBatch, past_valid: &[Vec<bool>], next_pos: &[usi
         let past_pad = past_valid.get(bi).is_some_and(|v| v.iter().any(|&m| !m));
         let any_real = row.iter().any(|&m| m);
         let new_pad_before_real = row.windows(2).any(|w| !w[0] && w[1]);
-        (past_pad && any_real) || new_pad_before_real
+        let packed = batch.segments.as_ref().is_some_and(|v| {
+            let seg = &v[bi * s..(bi + 1) * s];
+            seg.windows(2).zip(row.windows(2)).any(|(w, m)| w[0] != w[1] && m[1])
+        });
+        (past_pad && any_real) || new_pad_before_real || packed
     });
     AttentionPlan {
         positions,
@@ -210,5 +274,18 @@ mod tests {
         assert!(plan(&step, &[vec![true], vec![true]], &[1, 1]).blocked.is_none());
         // A cached pad followed by a new real token does need the mask.
         assert!(plan(&step, &[vec![false, true], vec![true, true]], &[1, 2]).blocked.is_some());
+    }
+
+    #[test]
+    fn packed_rows_restart_positions_and_block_other_segments() {
+        let batch = TokenBatch::packed(&[vec![vec![1, 2], vec![3]], vec![vec![4]]], 0).unwrap();
+        assert_eq!(batch.ids, vec![1, 2, 3, 4, 0, 0]);
+        assert_eq!(batch.segments.as_deref(), Some(&[0, 0, 1, 0, 1, 1][..]));
+        let p = plan(&batch, &[vec![], vec![]], &[0, 0]);
+        assert_eq!(p.positions, vec![0.0, 1.0, 0.0, 0.0, 0.0, 0.0]);
+        let blocked = p.blocked.expect("packing needs a mask");
+        // token 3 (row 0, position 2) sees only itself, not tokens 1 and 2.
+        assert_eq!(&blocked[6..9], &[true, true, false]);
+        assert!(TokenBatch::packed(&[vec![vec![]]], 0).is_err());
     }
 }

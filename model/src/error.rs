@@ -44,6 +44,8 @@ pub enum ModelError {
     Template(String),
     #[error("device: {0}")]
     Device(String),
+    #[error("training stopped: {0}")]
+    NonFinite(String),
 }
 
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;

@@ -33,6 +33,7 @@ mod error;
 mod layers;
 mod model;
 mod tokenizer;
+pub mod train;
 mod weights;
 
 pub use batch::{Padding, TokenBatch};

@@ -194,6 +194,9 @@ impl<B: Backend> CausalLm<B> {
     /// the logits of the last position only.
     pub fn hidden_cached(&self, batch: &TokenBatch, cache: &mut KvCache<B>) -> Result<Tensor<B, 3>> {
         batch.validate()?;
+        if batch.segments.is_some() {
+            return Err(ModelError::Input("packed batches (segments) cannot be decoded with a KV cache".into()));
+        }
         if cache.batch() != batch.batch || cache.layers.len() != self.layers.len() {
             return Err(ModelError::Input(format!(
                 "cache holds {} sequences × {} layers, input has {} sequences",
@@ -247,6 +250,49 @@ impl<B: Backend> CausalLm<B> {
             parts.push(lp.squeeze_dim::<2>(2));
         }
         Ok(Tensor::cat(parts, 1))
+    }
+
+    /// Log-probabilities of `targets[i]` at flattened positions `positions[i]` (`b * seq + t`),
+    /// `[positions.len()]`. Only those rows go through the vocabulary projection — for
+    /// completion-only losses that skips the prompt's share of the largest matmul — `chunk`
+    /// rows at a time.
+    pub fn selected_logprobs(
+        &self,
+        batch: &TokenBatch,
+        positions: &[usize],
+        targets: &[u32],
+        chunk: usize,
+    ) -> Result<Tensor<B, 1>> {
+        batch.validate()?;
+        if positions.len() != targets.len() || positions.is_empty() {
+            return Err(ModelError::Input(format!(
+                "{} positions for {} targets (need the same, non-zero number)",
+                positions.len(),
+                targets.len()
+            )));
+        }
+        let n = batch.batch * batch.seq;
+        for (i, (&p, &t)) in positions.iter().zip(targets).enumerate() {
+            if p >= n {
+                return Err(ModelError::Input(format!("position {p} (entry {i}) is outside the {n}-position batch")));
+            }
+            self.config.check_token(t, p / batch.seq, p % batch.seq)?;
+        }
+        let hidden = self.hidden_states(batch)?;
+        let device = hidden.device();
+        let h = self.config.hidden_size;
+        let flat = hidden.reshape([n, h]);
+        let chunk = chunk.max(1);
+        let mut parts = Vec::with_capacity(positions.len().div_ceil(chunk));
+        for (pos, tgt) in positions.chunks(chunk).zip(targets.chunks(chunk)) {
+            let k = pos.len();
+            let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(pos.iter().map(|&p| p as i64).collect(), [k]), &device);
+            let t = Tensor::<B, 2, Int>::from_data(TensorData::new(tgt.iter().map(|&t| t as i64).collect(), [k, 1]), &device);
+            let rows = flat.clone().select(0, idx).reshape([1, k, h]);
+            let lp = log_softmax(self.logits(rows).reshape([k, self.config.vocab_size]), 1).gather(1, t);
+            parts.push(lp.reshape([k]));
+        }
+        Ok(Tensor::cat(parts, 0))
     }
 
     /// Projects hidden states to vocabulary logits.

@@ -254,6 +254,7 @@ fn compacting_the_kv_cache_keeps_the_logits() {
         mask: vec![true, true, true, true, true, true, false, false, false, false, false, true],
         batch: 2,
         seq: 6,
+        segments: None,
     };
     let step = TokenBatch::step(&[Some(40), Some(41)], 0).expect("step");
     model.forward_cached(&prompts, &mut plain).expect("prefill");

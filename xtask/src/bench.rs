@@ -12,7 +12,7 @@ use thinkjson_model::{CausalLm, CpuBackend, CpuTrainBackend, KvCache, ModelConfi
 
 #[derive(Args)]
 pub struct BenchArgs {
-    /// Which suite: `model`, `decode`, `synth` or `reward`.
+    /// Which suite: `model`, `decode`, `sft`, `synth` or `reward`.
     #[arg(default_value = "model")]
     suite: String,
     /// Small shapes and few steps (what CI runs).
@@ -48,7 +48,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "synth" => synth_suite(&args, &mut figures)?,
         "reward" => reward_suite(&args, &mut figures)?,
         "decode" => decode_suite(&args, &mut figures)?,
-        other => bail!("unknown bench suite `{other}` (model, decode, synth, reward)"),
+        "sft" => sft_suite(&args, &mut figures)?,
+        other => bail!("unknown bench suite `{other}` (model, decode, sft, synth, reward)"),
     }
     let report = Report {
         suite: args.suite.clone(),
@@ -231,6 +232,44 @@ fn argmax<B: Backend>(logits: thinkjson_model::burn::tensor::Tensor<B, 3>) -> Re
 }
 
 /// One forward + backward of the mean next-token log-prob, batch 1 × `len`.
+/// Whole SFT optimiser steps (completion-only loss on the second half of each sequence,
+/// backward, global-norm clipping, AdamW) — the same work as `scripts/bench_torch_sft.py`.
+fn sft_suite(args: &BenchArgs, figures: &mut Vec<Figure>) -> Result<()> {
+    use thinkjson_model::burn::optim::GradientsParams;
+    use thinkjson_model::train::{AdamW, AdamWConfig};
+    use thinkjson_sft::{completion_loss, MicroBatch, SftExample};
+    let (batch, seq, steps) = if args.quick { (2, 128, 2) } else { (4, 256, 3) };
+    let shapes = args.shapes.clone().unwrap_or_else(|| "tiny,smollm2-135m".into());
+    for name in shapes.split(',') {
+        let config = ModelConfig::preset(name)?;
+        let examples: Vec<SftExample> = (0..batch)
+            .map(|b| {
+                let ids: Vec<u32> = (0..=seq as u32).map(|i| (i * 31 + b as u32 * 7) % 500 + 3).collect();
+                SftExample { id: String::new(), prompt: ids[..seq / 2].to_vec(), completion: ids[seq / 2..].to_vec() }
+            })
+            .collect();
+        let rows: Vec<Vec<usize>> = (0..batch).map(|b| vec![b]).collect();
+        let mb = MicroBatch::build(&examples, &rows, 0, false)?;
+        let mut model = CausalLm::<CpuTrainBackend>::random(&config, 0, &Default::default())?;
+        let mut opt = AdamW::<CpuTrainBackend>::new(AdamWConfig { weight_decay: 0.01, ..AdamWConfig::default() });
+        let mut times = Vec::new();
+        for _ in 0..=steps {
+            let t = Instant::now();
+            let loss = completion_loss(&model, &mb, mb.targets.len(), 512)?;
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            model = opt.step(1e-4, model, grads)?.0;
+            times.push(t.elapsed().as_secs_f64());
+        }
+        // The first step allocates the optimiser state; report the median of the rest.
+        let mut rest = times[1..].to_vec();
+        rest.sort_by(f64::total_cmp);
+        let median = rest[rest.len() / 2];
+        push(figures, name, &format!("sft step {batch}x{seq}"), (batch * seq) as f64 / median, "tokens/s");
+        push(figures, name, "peak RSS so far", peak_rss_mib(), "MiB");
+    }
+    Ok(())
+}
+
 fn train_rate<B: AutodiffBackend>(config: &ModelConfig, len: usize) -> Result<f64> {
     let model = CausalLm::<B>::random(config, 0, &Default::default())?;
     let ids: Vec<u32> = (0..len as u32).map(|i| (i * 31) % 500 + 3).collect();

@@ -5,6 +5,7 @@ mod backend;
 mod bench;
 mod cmd_decode;
 mod cmd_model;
+mod cmd_sft;
 mod cmd_eval;
 mod cmd_synth;
 
@@ -51,6 +52,8 @@ enum Verb {
     Eval(cmd_eval::EvalArgs),
     /// Merge the report.json of several eval directories into one report.
     Report(cmd_eval::ReportArgs),
+    /// Supervised fine-tuning (completion-only loss) from a TOML config; checkpoints, metrics JSONL, --resume.
+    Sft(cmd_sft::SftArgs),
     /// Run benchmarks and print the figures (and write them as JSON).
     Bench(bench::BenchArgs),
 }
@@ -77,6 +80,7 @@ fn main() -> ExitCode {
         Verb::Import(a) => cmd_synth::import(a),
         Verb::Eval(a) => cmd_eval::eval(a),
         Verb::Report(a) => cmd_eval::report(a),
+        Verb::Sft(a) => cmd_sft::sft(a),
         Verb::Bench(a) => bench::run(a),
     };
     match result {

@@ -1,0 +1,19 @@
+//! The pieces every trainer shares, written once: [`AdamW`] (torch semantics, decay on
+//! matrices only, clipping by the global gradient norm), [`LrSchedule`] (warmup then
+//! cosine/linear/constant) and [`Checkpoints`] (atomic HF-layout checkpoints with the
+//! optimiser and trainer state for an exact resume).
+//!
+//! The loop a trainer runs:
+//! 1. for each micro-batch, `loss.backward()` and `GradientsParams::from_grads`, summed
+//!    with burn's `GradientsAccumulator`;
+//! 2. [`AdamW::step`] with `schedule.lr(step)` — it measures the global norm, refuses
+//!    non-finite gradients, clips and updates;
+//! 3. every so often, [`Checkpoints::save`] with [`write_training_state`].
+
+mod adamw;
+mod checkpoint;
+mod schedule;
+
+pub use adamw::{AdamW, AdamWConfig, StepReport};
+pub use checkpoint::{read_trainer_state, write_training_state, Checkpoints, OPTIMIZER_FILE, TRAINER_STATE_FILE};
+pub use schedule::{Decay, LrSchedule};

@@ -1,0 +1,22 @@
+//! Errors of the SFT stage; each names what was wrong.
+
+use thinkjson_decode::DecodeError;
+use thinkjson_model::ModelError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SftError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    #[error("config: field `{field}`: {reason}")]
+    Config { field: &'static str, reason: String },
+    #[error("data: {0}")]
+    Data(String),
+    #[error("resume: {0}")]
+    Resume(String),
+    #[error("training stopped at step {step}: {what} is not finite ({value}); the last checkpoint is intact")]
+    NonFinite { step: u64, what: &'static str, value: f64 },
+}
+
+pub type Result<T, E = SftError> = std::result::Result<T, E>;

@@ -1,0 +1,397 @@
+//! The training loop: micro-batches → completion-only loss → accumulated gradients → AdamW
+//! step on the schedule; metrics, evaluations and checkpoints along the way.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::module::AutodiffModule;
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::ElementConversion;
+use serde::{Deserialize, Serialize};
+use thinkjson_decode::{Constraint, GenerateConfig, Generator, Request, SamplingConfig};
+use thinkjson_model::train::{read_trainer_state, write_training_state, AdamW, Checkpoints, LrSchedule, OPTIMIZER_FILE};
+use thinkjson_model::{CausalLm, ModelError, Tokenizer};
+
+use crate::batching::{plan_steps, MicroBatch, StepPlan};
+use crate::config::SftConfig;
+use crate::data::SftExample;
+use crate::error::{Result, SftError};
+use crate::loss::completion_loss;
+
+/// Where and how a run keeps its checkpoints.
+#[derive(Debug, Clone)]
+pub struct SftRun {
+    pub config: SftConfig,
+    /// `step-NNNNNNNN` directories under this root; `config.keep_last` of them are kept.
+    pub checkpoint_root: PathBuf,
+    /// Files copied into every checkpoint (tokenizer.json, tokenizer_config.json) so each is a
+    /// complete model directory.
+    pub extra_files: Vec<PathBuf>,
+    /// Continue from the newest checkpoint under `checkpoint_root`, if there is one.
+    pub resume: bool,
+}
+
+/// Saved with every checkpoint: where the run is, and what it was planned from (a resume
+/// with different data or batching would not replay the same steps, so it is refused).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    pub step: u64,
+    pub total_steps: u64,
+    pub epoch: u32,
+    pub examples_seen: u64,
+    pub tokens_seen: u64,
+    pub plan: PlanFingerprint,
+}
+
+/// What determines the order of training.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlanFingerprint {
+    pub examples: usize,
+    pub tokens: usize,
+    pub seed: u64,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub packing: bool,
+    pub max_len: usize,
+    pub epochs: u32,
+    pub max_steps: Option<u64>,
+}
+
+impl PlanFingerprint {
+    fn of(config: &SftConfig, examples: &[SftExample]) -> Self {
+        Self {
+            examples: examples.len(),
+            tokens: examples.iter().map(SftExample::len).sum(),
+            seed: config.seed,
+            batch_size: config.batch_size,
+            grad_accum: config.grad_accum,
+            packing: config.packing,
+            max_len: config.max_len,
+            epochs: config.epochs,
+            max_steps: config.max_steps,
+        }
+    }
+}
+
+/// Known before the first step.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunInfo {
+    pub total_steps: u64,
+    /// Steps already done (a resumed run starts after them).
+    pub start_step: u64,
+    pub resumed_from: Option<PathBuf>,
+    pub train_examples: usize,
+    pub eval_examples: usize,
+    pub warmup_steps: u64,
+}
+
+/// One optimiser step.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepMetrics {
+    pub step: u64,
+    pub epoch: u32,
+    /// Mean cross-entropy per completion token over the step.
+    pub loss: f64,
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    pub clip_scale: f64,
+    /// Real input tokens of the step.
+    pub tokens: usize,
+    pub target_tokens: usize,
+    pub tokens_per_sec: f64,
+    pub examples_seen: u64,
+    pub step_secs: f64,
+}
+
+/// One evaluation on the held-out examples.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalMetrics {
+    pub step: u64,
+    pub eval_loss: f64,
+    pub eval_examples: usize,
+    pub generations: usize,
+    /// Share of greedy generations whose answer parses as JSON.
+    pub valid_json_rate: Option<f64>,
+    /// Share with exactly one `<think>` block followed by one `<answer>` block.
+    pub format_rate: Option<f64>,
+    pub secs: f64,
+}
+
+/// What the caller wants after a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    Continue,
+    /// End the run now, without an evaluation or a checkpoint (as if it were killed).
+    Stop,
+}
+
+/// Receives progress; the CLI turns it into a progress bar and a metrics file.
+pub trait Observer {
+    fn on_start(&mut self, _info: &RunInfo) {}
+    fn on_step(&mut self, _metrics: &StepMetrics) -> Control {
+        Control::Continue
+    }
+    fn on_eval(&mut self, _metrics: &EvalMetrics) {}
+    fn on_checkpoint(&mut self, _step: u64, _dir: &Path) {}
+}
+
+impl Observer for () {}
+
+/// The end of a run.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub info: RunInfo,
+    pub last_step: u64,
+    pub stopped_early: bool,
+    pub losses: Vec<f64>,
+    pub last_checkpoint: Option<PathBuf>,
+    pub final_eval: Option<EvalMetrics>,
+}
+
+/// Trains `model` on `train`, evaluating on `eval`. With `run.resume` and a checkpoint
+/// under `run.checkpoint_root`, the weights, optimiser state and data position come from
+/// it and the run continues where it stopped.
+pub fn train<B: AutodiffBackend>(
+    mut model: CausalLm<B>,
+    tokenizer: &Tokenizer,
+    train: &[SftExample],
+    eval: &[SftExample],
+    run: &SftRun,
+    observer: &mut dyn Observer,
+) -> Result<(CausalLm<B>, Summary)> {
+    let config = &run.config;
+    config.validate()?;
+    if train.is_empty() {
+        return Err(SftError::Data("no training examples".into()));
+    }
+    let lengths: Vec<usize> = train.iter().map(SftExample::len).collect();
+    let plan = plan_steps(config, &lengths);
+    let total = plan.len() as u64;
+    let warmup_steps = (config.warmup_ratio * total as f64).ceil() as u64;
+    let schedule = LrSchedule {
+        min_lr_ratio: config.min_lr_ratio,
+        ..LrSchedule::new(config.lr, warmup_steps, total, config.decay)
+    };
+    let fingerprint = PlanFingerprint::of(config, train);
+    let checkpoints = Checkpoints::new(&run.checkpoint_root, config.keep_last);
+    let mut optimizer = AdamW::<B>::new(config.optimizer);
+    let mut state = TrainerState {
+        step: 0,
+        total_steps: total,
+        epoch: 0,
+        examples_seen: 0,
+        tokens_seen: 0,
+        plan: fingerprint.clone(),
+    };
+    let mut resumed_from = None;
+    if run.resume {
+        if let Some((_, dir)) = checkpoints.latest()? {
+            let saved: TrainerState = read_trainer_state(&dir)?;
+            if saved.plan != fingerprint {
+                return Err(SftError::Resume(format!(
+                    "{} was trained with a different plan ({:?}) than this run ({:?}); resume with the same data and batching",
+                    dir.display(),
+                    saved.plan,
+                    fingerprint
+                )));
+            }
+            model = CausalLm::from_pretrained(&dir, &model.device())?;
+            optimizer.load(&model, &dir.join(OPTIMIZER_FILE))?;
+            state = saved;
+            resumed_from = Some(dir);
+        }
+    }
+    let info = RunInfo {
+        total_steps: total,
+        start_step: state.step,
+        resumed_from,
+        train_examples: train.len(),
+        eval_examples: eval.len(),
+        warmup_steps,
+    };
+    observer.on_start(&info);
+    let pad_id = pad_id(tokenizer, &model);
+    let mut losses = Vec::new();
+    let mut last_checkpoint = None;
+    let mut final_eval = None;
+    for (index, step_plan) in plan.iter().enumerate().skip(state.step as usize) {
+        let started = Instant::now();
+        let lr = schedule.lr(index as u64);
+        let (next, loss, report, tokens, targets) = train_step(model, &mut optimizer, train, step_plan, pad_id, lr, config, index as u64 + 1)?;
+        model = next;
+        let step = index as u64 + 1;
+        state.step = step;
+        state.epoch = step_plan.epoch;
+        state.examples_seen += step_plan.examples() as u64;
+        state.tokens_seen += tokens as u64;
+        losses.push(loss);
+        let secs = started.elapsed().as_secs_f64();
+        let metrics = StepMetrics {
+            step,
+            epoch: step_plan.epoch,
+            loss,
+            lr,
+            grad_norm: report.grad_norm,
+            clip_scale: report.clip_scale,
+            tokens,
+            target_tokens: targets,
+            tokens_per_sec: tokens as f64 / secs.max(1e-9),
+            examples_seen: state.examples_seen,
+            step_secs: secs,
+        };
+        if observer.on_step(&metrics) == Control::Stop {
+            return Ok((
+                model,
+                Summary {
+                    info,
+                    last_step: step,
+                    stopped_early: true,
+                    losses,
+                    last_checkpoint,
+                    final_eval,
+                },
+            ));
+        }
+        let last = step == total;
+        let due = |every: u64| last || (every > 0 && step.is_multiple_of(every));
+        if due(config.eval_every) && !eval.is_empty() {
+            let m = evaluate(&model, tokenizer, eval, config, step)?;
+            observer.on_eval(&m);
+            final_eval = Some(m);
+        }
+        if due(config.save_every) {
+            let dir = checkpoints.save(step, |tmp| {
+                write_training_state(tmp, &model, &optimizer, &state, &run.extra_files)
+            })?;
+            observer.on_checkpoint(step, &dir);
+            last_checkpoint = Some(dir);
+        }
+    }
+    Ok((
+        model,
+        Summary {
+            info,
+            last_step: state.step,
+            stopped_early: false,
+            losses,
+            last_checkpoint,
+            final_eval,
+        },
+    ))
+}
+
+type StepOutcome<B> = (CausalLm<B>, f64, thinkjson_model::train::StepReport, usize, usize);
+
+#[allow(clippy::too_many_arguments)]
+fn train_step<B: AutodiffBackend>(
+    model: CausalLm<B>,
+    optimizer: &mut AdamW<B>,
+    train: &[SftExample],
+    plan: &StepPlan,
+    pad_id: u32,
+    lr: f64,
+    config: &SftConfig,
+    step: u64,
+) -> Result<StepOutcome<B>> {
+    let batches = plan
+        .micro_batches
+        .iter()
+        .map(|rows| MicroBatch::build(train, rows, pad_id, config.packing))
+        .collect::<Result<Vec<_>>>()?;
+    let targets: usize = batches.iter().map(|b| b.targets.len()).sum();
+    let tokens: usize = batches.iter().map(MicroBatch::input_tokens).sum();
+    let mut accumulator = GradientsAccumulator::<CausalLm<B>>::new();
+    let mut loss_total = 0.0;
+    for batch in &batches {
+        let loss = completion_loss(&model, batch, targets, config.logprob_chunk)?;
+        let value = loss.clone().into_scalar().elem::<f64>();
+        if !value.is_finite() {
+            return Err(SftError::NonFinite { step, what: "loss", value });
+        }
+        loss_total += value;
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        accumulator.accumulate(&model, grads);
+    }
+    let grads = accumulator.grads();
+    let (model, report) = optimizer.step(lr, model, grads).map_err(|e| match e {
+        ModelError::NonFinite(_) => SftError::NonFinite {
+            step,
+            what: "gradient norm",
+            value: f64::NAN,
+        },
+        other => SftError::Model(other),
+    })?;
+    Ok((model, loss_total, report, tokens, targets))
+}
+
+/// Held-out loss (mean per completion token) and, for the first `eval_generations`
+/// examples, the share of greedy generations with parseable JSON and the right layout.
+pub fn evaluate<B: AutodiffBackend>(
+    model: &CausalLm<B>,
+    tokenizer: &Tokenizer,
+    eval: &[SftExample],
+    config: &SftConfig,
+    step: u64,
+) -> Result<EvalMetrics> {
+    let started = Instant::now();
+    let inner: CausalLm<B::InnerBackend> = model.valid();
+    let (loss, _) = mean_loss(&inner, pad_id(tokenizer, &inner), eval, config.batch_size, config.logprob_chunk)?;
+    let n = config.eval_generations.min(eval.len());
+    let (mut valid_json_rate, mut format_rate) = (None, None);
+    if n > 0 {
+        let generator = Generator::for_model(tokenizer, &inner)?;
+        let requests: Vec<Request> = eval[..n]
+            .iter()
+            .map(|e| Request::new(e.prompt.clone(), Constraint::None))
+            .collect();
+        let gen_config = GenerateConfig {
+            max_new_tokens: config.eval_max_new_tokens,
+            sampling: SamplingConfig::greedy(),
+            ..GenerateConfig::default()
+        };
+        let (completions, _) = generator.generate(&inner, &requests, &gen_config)?;
+        let parsed: Vec<_> = completions.iter().map(|c| thinkjson_reward::parse::parse(&c.text)).collect();
+        valid_json_rate = Some(parsed.iter().filter(|p| p.json.is_some()).count() as f64 / n as f64);
+        format_rate = Some(parsed.iter().filter(|p| p.format_ok()).count() as f64 / n as f64);
+    }
+    Ok(EvalMetrics {
+        step,
+        eval_loss: loss,
+        eval_examples: eval.len(),
+        generations: n,
+        valid_json_rate,
+        format_rate,
+        secs: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Mean completion-token cross-entropy of `examples` (no gradients), and the token count.
+pub fn mean_loss<B: Backend>(
+    model: &CausalLm<B>,
+    pad_id: u32,
+    examples: &[SftExample],
+    batch_size: usize,
+    chunk: usize,
+) -> Result<(f64, usize)> {
+    let (mut sum, mut count) = (0.0, 0usize);
+    let indices: Vec<Vec<usize>> = (0..examples.len()).map(|i| vec![i]).collect();
+    for rows in indices.chunks(batch_size.max(1)) {
+        let batch = MicroBatch::build(examples, rows, pad_id, false)?;
+        // normaliser 1: the plain sum, divided once at the end.
+        sum += completion_loss(model, &batch, 1, chunk)?.into_scalar().elem::<f64>();
+        count += batch.targets.len();
+    }
+    Ok((sum / count.max(1) as f64, count))
+}
+
+/// The tokenizer's pad id when the model's vocabulary has it, else 0: pads are masked out
+/// of attention and loss, but their ids must still be valid embedding rows.
+pub fn pad_id<B: Backend>(tokenizer: &Tokenizer, model: &CausalLm<B>) -> u32 {
+    tokenizer
+        .special()
+        .pad_id
+        .filter(|&p| (p as usize) < model.config().vocab_size)
+        .unwrap_or(0)
+}

@@ -1,0 +1,397 @@
+//! `cargo xtask sft`: supervised fine-tuning from a TOML config, with a progress bar, a
+//! metrics JSONL and checkpoints under the output directory.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+use thinkjson_model::burn::tensor::backend::AutodiffBackend;
+use thinkjson_model::{CausalLm, DeviceSpec, ModelConfig, StorageDtype, Tokenizer};
+use thinkjson_sft::{Control, Encoder, EvalMetrics, Observer, RunInfo, SftConfig, SftExample, SftRun, StepMetrics};
+use thinkjson_synth::Row;
+
+use crate::backend::{dispatch_train, OnTrainBackend};
+use crate::cmd_decode::chat_template;
+
+#[derive(Args)]
+pub struct SftArgs {
+    /// TOML file: top-level `model`/`preset`, `data`, `eval_data`, `out`, … and a `[train]`
+    /// table of hyper-parameters. Every field has a default; unknown fields are errors.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// HF model directory to fine-tune (config.json, safetensors, tokenizer files).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Start from seeded random weights of a preset shape instead of --model.
+    #[arg(long)]
+    preset: Option<String>,
+    /// Training rows (synth JSONL: text, schema, object, reasoning).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Held-out rows for the evaluation.
+    #[arg(long)]
+    eval_data: Option<PathBuf>,
+    /// Output directory: metrics.jsonl, checkpoints/, final/.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Continue from the newest checkpoint in OUT/checkpoints.
+    #[arg(long)]
+    resume: bool,
+    /// cpu, cuda or cuda:N.
+    #[arg(long)]
+    device: Option<DeviceSpec>,
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long)]
+    epochs: Option<u32>,
+    #[arg(long)]
+    max_steps: Option<u64>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long)]
+    grad_accum: Option<usize>,
+    #[arg(long)]
+    max_len: Option<usize>,
+    /// Pack several examples per row.
+    #[arg(long)]
+    packing: bool,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Print the run summary as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The TOML file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SftFile {
+    pub model: Option<PathBuf>,
+    pub preset: Option<String>,
+    /// Seed of the random weights when starting from a preset.
+    pub init_seed: u64,
+    /// Tokenizer directory when the model has none (presets): tokenizer.json + tokenizer_config.json.
+    pub tokenizer: PathBuf,
+    pub data: Option<PathBuf>,
+    pub eval_data: Option<PathBuf>,
+    /// At most this many held-out rows are used.
+    pub eval_rows: usize,
+    pub out: PathBuf,
+    pub device: String,
+    pub train: SftConfig,
+}
+
+impl Default for SftFile {
+    fn default() -> Self {
+        Self {
+            model: None,
+            preset: None,
+            init_seed: 0,
+            tokenizer: PathBuf::from("assets/qwen"),
+            data: None,
+            eval_data: None,
+            eval_rows: 64,
+            out: PathBuf::from("runs/sft"),
+            device: "cpu".into(),
+            train: SftConfig::default(),
+        }
+    }
+}
+
+impl SftFile {
+    pub fn read(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.to_string().trim()))
+    }
+
+    fn apply(&mut self, a: &SftArgs) {
+        let t = &mut self.train;
+        macro_rules! set {
+            ($dst:expr, $src:expr) => {
+                if let Some(v) = $src.clone() {
+                    $dst = v;
+                }
+            };
+        }
+        if a.model.is_some() {
+            self.model = a.model.clone();
+            self.preset = None;
+        }
+        if a.preset.is_some() {
+            self.preset = a.preset.clone();
+            self.model = None;
+        }
+        set!(self.data, a.data.clone().map(Some));
+        set!(self.eval_data, a.eval_data.clone().map(Some));
+        set!(self.out, a.out);
+        set!(t.lr, a.lr);
+        set!(t.epochs, a.epochs);
+        set!(t.max_steps, a.max_steps.map(Some));
+        set!(t.batch_size, a.batch_size);
+        set!(t.grad_accum, a.grad_accum);
+        set!(t.max_len, a.max_len);
+        set!(t.seed, a.seed);
+        if a.packing {
+            t.packing = true;
+        }
+        if let Some(d) = a.device {
+            self.device = d.to_string();
+        }
+    }
+}
+
+pub fn sft(args: SftArgs) -> Result<()> {
+    let mut file = match &args.config {
+        Some(p) => SftFile::read(p)?,
+        None => SftFile::default(),
+    };
+    file.apply(&args);
+    file.train.validate()?;
+    let device: DeviceSpec = file.device.parse()?;
+    let Some(data) = file.data.clone() else {
+        bail!("no training data: set `data` in the config or pass --data FILE.jsonl");
+    };
+    let tok_dir = match &file.model {
+        Some(dir) if dir.join("tokenizer.json").exists() => dir.clone(),
+        _ => file.tokenizer.clone(),
+    };
+    let tokenizer = Tokenizer::from_path(&tok_dir).with_context(|| format!("loading the tokenizer from {}", tok_dir.display()))?;
+    let template = chat_template(&tok_dir)?;
+    let encoder = Encoder::new(&tokenizer, &template, file.train.max_len)?;
+    let (train, report) = encoder.encode_rows(&read_rows(&data)?)?;
+    eprintln!(
+        "train: {} examples ({} prompt + {} completion tokens), {} completions cut at max_len {}, {} dropped",
+        report.examples, report.prompt_tokens, report.completion_tokens, report.truncated, file.train.max_len, report.dropped.len()
+    );
+    for (id, why) in report.dropped.iter().take(5) {
+        eprintln!("  dropped {id}: {why}");
+    }
+    let eval = match &file.eval_data {
+        Some(p) => {
+            let mut rows = read_rows(p)?;
+            rows.truncate(file.eval_rows);
+            encoder.encode_rows(&rows)?.0
+        }
+        None => Vec::new(),
+    };
+    std::fs::create_dir_all(&file.out).with_context(|| format!("creating {}", file.out.display()))?;
+    let resolved = toml::to_string(&file).context("writing the resolved config")?;
+    std::fs::write(file.out.join("sft-config.toml"), resolved).context("writing sft-config.toml")?;
+    let extra_files: Vec<PathBuf> = ["tokenizer.json", "tokenizer_config.json"]
+        .iter()
+        .map(|f| tok_dir.join(f))
+        .filter(|p| p.exists())
+        .collect();
+    let job = SftJob {
+        file: file.clone(),
+        tokenizer,
+        train,
+        eval,
+        run: SftRun {
+            config: file.train.clone(),
+            checkpoint_root: file.out.join("checkpoints"),
+            extra_files: extra_files.clone(),
+            resume: args.resume,
+        },
+    };
+    let summary = dispatch_train(device, job)?;
+    if args.json {
+        crate::print_out(&serde_json::to_string_pretty(&summary)?)?;
+    } else {
+        eprintln!(
+            "sft: {} steps, last loss {:.4}, final model in {}",
+            summary.last_step,
+            summary.last_loss.unwrap_or(f64::NAN),
+            summary.final_model.display()
+        );
+    }
+    Ok(())
+}
+
+/// Synth JSONL rows; malformed lines are reported and skipped.
+pub fn read_rows(path: &Path) -> Result<Vec<Row>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let (rows, bad) = thinkjson_eval::parse_jsonl::<Row>(&text);
+    for s in bad.iter().take(10) {
+        eprintln!("{}:{}: skipped: {}", path.display(), s.line, s.reason);
+    }
+    if bad.len() > 10 {
+        eprintln!("{}: {} more malformed lines skipped", path.display(), bad.len() - 10);
+    }
+    if rows.is_empty() {
+        bail!("{}: no usable rows", path.display());
+    }
+    Ok(rows)
+}
+
+#[derive(Debug, Serialize)]
+struct RunSummary {
+    last_step: u64,
+    total_steps: u64,
+    start_step: u64,
+    last_loss: Option<f64>,
+    final_eval: Option<EvalMetrics>,
+    final_model: PathBuf,
+    metrics: PathBuf,
+}
+
+struct SftJob {
+    file: SftFile,
+    tokenizer: Tokenizer,
+    train: Vec<SftExample>,
+    eval: Vec<SftExample>,
+    run: SftRun,
+}
+
+impl OnTrainBackend for SftJob {
+    type Output = RunSummary;
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<RunSummary> {
+        let model = match (&self.file.model, &self.file.preset) {
+            (Some(dir), _) => CausalLm::<B>::from_pretrained(dir, &device).with_context(|| format!("loading {}", dir.display()))?,
+            (None, Some(preset)) => {
+                let config = ModelConfig::preset(preset)?.with_vocab_size(self.tokenizer.vocab_size());
+                CausalLm::<B>::random(&config, self.file.init_seed, &device)?
+            }
+            (None, None) => bail!("no model: set `model` (an HF directory) or `preset` in the config, or pass --model / --preset"),
+        };
+        let metrics_path = self.file.out.join("metrics.jsonl");
+        let mut observer = CliObserver::new(&metrics_path)?;
+        let (model, summary) = thinkjson_sft::train(model, &self.tokenizer, &self.train, &self.eval, &self.run, &mut observer)?;
+        observer.finish();
+        let final_dir = self.file.out.join("final");
+        model.save_pretrained(&final_dir, StorageDtype::Float32)?;
+        for src in &self.run.extra_files {
+            if let Some(name) = src.file_name() {
+                std::fs::copy(src, final_dir.join(name)).with_context(|| format!("copying {}", src.display()))?;
+            }
+        }
+        Ok(RunSummary {
+            last_step: summary.last_step,
+            total_steps: summary.info.total_steps,
+            start_step: summary.info.start_step,
+            last_loss: summary.losses.last().copied(),
+            final_eval: summary.final_eval,
+            final_model: final_dir,
+            metrics: metrics_path,
+        })
+    }
+}
+
+/// Progress bar on stderr and one JSON line per step / evaluation in metrics.jsonl.
+struct CliObserver {
+    path: PathBuf,
+    out: Option<std::fs::File>,
+    bar: ProgressBar,
+}
+
+impl CliObserver {
+    fn new(path: &Path) -> Result<Self> {
+        Ok(Self {
+            path: path.to_path_buf(),
+            out: None,
+            bar: ProgressBar::hidden(),
+        })
+    }
+
+    fn write(&mut self, value: serde_json::Value) {
+        if let Some(f) = &mut self.out {
+            if let Err(e) = writeln!(f, "{value}") {
+                let path = self.path.display();
+                self.bar.suspend(|| eprintln!("warning: cannot append to {path}: {e}"));
+            }
+        }
+    }
+
+    fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+impl Observer for CliObserver {
+    fn on_start(&mut self, info: &RunInfo) {
+        // A resumed run drops the lines the interrupted run wrote after its last checkpoint.
+        let kept: Vec<String> = std::fs::read_to_string(&self.path)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
+                    .is_some_and(|s| s <= info.start_step)
+            })
+            .map(str::to_string)
+            .collect();
+        let mut text = kept.join("\n");
+        if !text.is_empty() {
+            text.push('\n');
+        }
+        let opened = std::fs::write(&self.path, text).and_then(|_| std::fs::OpenOptions::new().append(true).open(&self.path));
+        match opened {
+            Ok(f) => self.out = Some(f),
+            Err(e) => eprintln!("warning: cannot write {}: {e}", self.path.display()),
+        }
+        if let Some(dir) = &info.resumed_from {
+            eprintln!("resuming from {} (step {})", dir.display(), info.start_step);
+        }
+        self.bar = ProgressBar::new(info.total_steps);
+        self.bar.set_style(
+            ProgressStyle::with_template("{spinner} sft [{bar:30}] {pos}/{len} steps · {msg} · ETA {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        self.bar.set_position(info.start_step);
+        self.bar.reset_eta();
+    }
+
+    fn on_step(&mut self, m: &StepMetrics) -> Control {
+        self.bar.set_position(m.step);
+        self.bar.set_message(format!("loss {:.4} · lr {:.2e} · {:.0} tok/s", m.loss, m.lr, m.tokens_per_sec));
+        let mut v = serde_json::to_value(m).unwrap_or_default();
+        v["kind"] = "step".into();
+        self.write(v);
+        Control::Continue
+    }
+
+    fn on_eval(&mut self, m: &EvalMetrics) {
+        let rate = m.valid_json_rate.map_or("-".to_string(), |r| format!("{:.0}%", r * 100.0));
+        let line = format!("eval @ {}: loss {:.4}, valid JSON {rate} of {}", m.step, m.eval_loss, m.generations);
+        self.bar.suspend(|| eprintln!("{line}"));
+        let mut v = serde_json::to_value(m).unwrap_or_default();
+        v["kind"] = "eval".into();
+        self.write(v);
+    }
+
+    fn on_checkpoint(&mut self, step: u64, dir: &Path) {
+        self.bar.suspend(|| eprintln!("checkpoint @ {step}: {}", dir.display()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_file_rejects_unknown_fields_and_defaults_the_rest() {
+        let ok: SftFile = toml::from_str("data = \"d.jsonl\"\n[train]\nlr = 0.001\n").unwrap();
+        assert_eq!(ok.train.lr, 1e-3);
+        assert_eq!(ok.train.batch_size, SftConfig::default().batch_size);
+        let top = toml::from_str::<SftFile>("dta = \"d.jsonl\"\n").unwrap_err().to_string();
+        assert!(top.contains("dta"), "{top}");
+        let nested = toml::from_str::<SftFile>("[train]\nlearning_rate = 1.0\n").unwrap_err().to_string();
+        assert!(nested.contains("learning_rate"), "{nested}");
+        let opt = toml::from_str::<SftFile>("[train.optimizer]\nbeta3 = 1.0\n").unwrap_err().to_string();
+        assert!(opt.contains("beta3"), "{opt}");
+    }
+
+    #[test]
+    fn committed_example_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/sft-tiny.toml");
+        let file = SftFile::read(&path).unwrap();
+        file.train.validate().unwrap();
+        assert_eq!(file.preset.as_deref(), Some("tiny"));
+        assert_eq!(file.train.max_steps, Some(200));
+    }
+}

@@ -186,22 +186,30 @@ pub fn train<B: AutodiffBackend>(
         plan: fingerprint.clone(),
     };
     let mut resumed_from = None;
-    if run.resume {
-        if let Some((_, dir)) = checkpoints.latest()? {
-            let saved: TrainerState = read_trainer_state(&dir)?;
-            if saved.plan != fingerprint {
-                return Err(SftError::Resume(format!(
-                    "{} was trained with a different plan ({:?}) than this run ({:?}); resume with the same data and batching",
-                    dir.display(),
-                    saved.plan,
-                    fingerprint
-                )));
-            }
-            model = CausalLm::from_pretrained(&dir, &model.device())?;
-            optimizer.load(&model, &dir.join(OPTIMIZER_FILE))?;
-            state = saved;
-            resumed_from = Some(dir);
+    if !run.resume {
+        // A fresh run among an older run's checkpoints would leave them to be picked up by
+        // a later `--resume` as if they were this run's.
+        if let Some((step, dir)) = checkpoints.latest()? {
+            return Err(SftError::Resume(format!(
+                "{} already holds a checkpoint (step {step}, {}); resume it or use another output directory",
+                run.checkpoint_root.display(),
+                dir.display()
+            )));
         }
+    } else if let Some((_, dir)) = checkpoints.latest()? {
+        let saved: TrainerState = read_trainer_state(&dir)?;
+        if saved.plan != fingerprint {
+            return Err(SftError::Resume(format!(
+                "{} was trained with a different plan ({:?}) than this run ({:?}); resume with the same data and batching",
+                dir.display(),
+                saved.plan,
+                fingerprint
+            )));
+        }
+        model = CausalLm::from_pretrained(&dir, &model.device())?;
+        optimizer.load(&model, &dir.join(OPTIMIZER_FILE))?;
+        state = saved;
+        resumed_from = Some(dir);
     }
     let info = RunInfo {
         total_steps: total,

@@ -224,6 +224,10 @@ fn kill_and_resume_reproduces_the_uninterrupted_run() {
     let reloaded = CausalLm::<B>::from_pretrained(&last, &Default::default()).expect("reload");
     assert_eq!(reloaded.config().vocab_size, 96);
 
+    // A fresh run over existing checkpoints is refused rather than mixed with them.
+    let err = train(small_model(1), &tok, &data, &[], &run_in(dir.path(), resume_config(), false), &mut ()).unwrap_err();
+    assert!(err.to_string().contains("already holds a checkpoint"), "{err}");
+
     // A resume with another plan is refused, naming the reason.
     let other = SftConfig { batch_size: 3, ..resume_config() };
     let err = train(small_model(1), &tok, &data, &[], &run_in(dir.path(), other, true), &mut ()).unwrap_err();

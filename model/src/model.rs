@@ -263,6 +263,21 @@ impl<B: Backend> CausalLm<B> {
         targets: &[u32],
         chunk: usize,
     ) -> Result<Tensor<B, 1>> {
+        Ok(self.selected_scores(batch, positions, targets, chunk, 1.0, false)?.0)
+    }
+
+    /// [`Self::selected_logprobs`] of `log_softmax(logits / temperature)` — the policy
+    /// log-probs of a sampler at that temperature, as RL trainers score them — and, with
+    /// `entropy`, each position's entropy of that distribution (detached: for logging).
+    pub fn selected_scores(
+        &self,
+        batch: &TokenBatch,
+        positions: &[usize],
+        targets: &[u32],
+        chunk: usize,
+        temperature: f64,
+        entropy: bool,
+    ) -> Result<(Tensor<B, 1>, Option<Tensor<B, 1>>)> {
         batch.validate()?;
         if positions.len() != targets.len() || positions.is_empty() {
             return Err(ModelError::Input(format!(
@@ -270,6 +285,9 @@ impl<B: Backend> CausalLm<B> {
                 positions.len(),
                 targets.len()
             )));
+        }
+        if !(temperature.is_finite() && temperature > 0.0) {
+            return Err(ModelError::Input(format!("temperature {temperature} (need a positive number)")));
         }
         let n = batch.batch * batch.seq;
         for (i, (&p, &t)) in positions.iter().zip(targets).enumerate() {
@@ -284,15 +302,25 @@ impl<B: Backend> CausalLm<B> {
         let flat = hidden.reshape([n, h]);
         let chunk = chunk.max(1);
         let mut parts = Vec::with_capacity(positions.len().div_ceil(chunk));
+        let mut entropies = Vec::new();
         for (pos, tgt) in positions.chunks(chunk).zip(targets.chunks(chunk)) {
             let k = pos.len();
             let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(pos.iter().map(|&p| p as i64).collect(), [k]), &device);
             let t = Tensor::<B, 2, Int>::from_data(TensorData::new(tgt.iter().map(|&t| t as i64).collect(), [k, 1]), &device);
             let rows = flat.clone().select(0, idx).reshape([1, k, h]);
-            let lp = log_softmax(self.logits(rows).reshape([k, self.config.vocab_size]), 1).gather(1, t);
-            parts.push(lp.reshape([k]));
+            let mut logits = self.logits(rows).reshape([k, self.config.vocab_size]);
+            if temperature != 1.0 {
+                logits = logits.div_scalar(temperature);
+            }
+            let lsm = log_softmax(logits, 1);
+            if entropy {
+                let l = lsm.clone().detach();
+                entropies.push(l.clone().exp().mul(l).sum_dim(1).neg().reshape([k]));
+            }
+            parts.push(lsm.gather(1, t).reshape([k]));
         }
-        Ok(Tensor::cat(parts, 0))
+        let entropy = entropy.then(|| Tensor::cat(entropies, 0));
+        Ok((Tensor::cat(parts, 0), entropy))
     }
 
     /// Projects hidden states to vocabulary logits.

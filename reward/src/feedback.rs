@@ -32,6 +32,13 @@ pub struct Review {
     /// Per-field verdicts by JSON pointer: `true` = right, `false` = wrong.
     #[serde(default)]
     pub fields: HashMap<String, bool>,
+    /// Context for the reviewer (`cargo xtask grpo --export-samples` fills it); not scored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reward: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<u64>,
 }
 
 /// Rejected review lines, with their line number and why.
@@ -127,5 +134,26 @@ impl RewardFn for FeedbackReward {
             (None, None) => 0.0,
         };
         Score { value, reason: format!("review of {}: whole {whole:?}, fields {fields:?}", review.id) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::ValidatorCache;
+
+    /// A line as `cargo xtask grpo --export-samples` writes it, with a reviewer's correction
+    /// added, reads back and scores; the context fields are not scored.
+    #[test]
+    fn exported_review_lines_read_back() {
+        let line = r#"{"id":"s1","output":{"lot":"A-1"},"verdict":null,"corrected":{"lot":"A-17"},"fields":{},"completion":"<answer>{\"lot\":\"A-1\"}</answer>","reward":2.5,"step":3}"#;
+        let (fb, bad) = FeedbackReward::from_jsonl(line);
+        assert!(bad.is_empty(), "{bad:?}");
+        let schema = serde_json::json!({});
+        let cache = ValidatorCache::new();
+        let ctx = Context { schema: &schema, reference: None, sample_id: Some("s1"), validators: &cache };
+        let right = fb.score("", &crate::parse::parse("<answer>{\"lot\": \"A-17\"}</answer>"), &ctx);
+        let wrong = fb.score("", &crate::parse::parse("<answer>{\"lot\": \"A-1\"}</answer>"), &ctx);
+        assert_eq!((right.value, wrong.value), (1.0, 0.0));
     }
 }

@@ -159,7 +159,7 @@ impl RewardFn for LengthReward {
 }
 
 /// Weights of the built-in functions (0 turns one off).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RewardWeights {
     pub format: f64,

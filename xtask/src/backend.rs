@@ -49,3 +49,37 @@ pub fn dispatch_train<J: OnTrainBackend>(spec: DeviceSpec, job: J) -> Result<J::
         }
     }
 }
+
+/// The model to train: an HF directory, or seeded random weights of a preset sized for the
+/// tokenizer's vocabulary.
+pub fn load_or_init<B: Backend>(
+    model: Option<&std::path::Path>,
+    preset: Option<&str>,
+    init_seed: u64,
+    tokenizer: &thinkjson_model::Tokenizer,
+    device: &B::Device,
+) -> Result<thinkjson_model::CausalLm<B>> {
+    use anyhow::Context;
+    use thinkjson_model::{CausalLm, ModelConfig};
+    match (model, preset) {
+        (Some(dir), _) => CausalLm::<B>::from_pretrained(dir, device).with_context(|| format!("loading {}", dir.display())),
+        (None, Some(preset)) => {
+            let config = ModelConfig::preset(preset)?.with_vocab_size(tokenizer.vocab_size());
+            Ok(CausalLm::<B>::random(&config, init_seed, device)?)
+        }
+        (None, None) => anyhow::bail!("no model: set `model` (an HF directory) or `preset` in the config, or pass --model / --preset"),
+    }
+}
+
+/// The model directory when it carries its own tokenizer.json, else `fallback`.
+pub fn tokenizer_dir(model: Option<&std::path::Path>, fallback: &std::path::Path) -> std::path::PathBuf {
+    match model {
+        Some(dir) if dir.join("tokenizer.json").exists() => dir.to_path_buf(),
+        _ => fallback.to_path_buf(),
+    }
+}
+
+/// The tokenizer files copied into every checkpoint, so each is a complete model directory.
+pub fn tokenizer_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    ["tokenizer.json", "tokenizer_config.json"].iter().map(|f| dir.join(f)).filter(|p| p.exists()).collect()
+}

@@ -12,12 +12,12 @@ use thinkjson_model::{CausalLm, CpuBackend, CpuTrainBackend, KvCache, ModelConfi
 
 #[derive(Args)]
 pub struct BenchArgs {
-    /// Which suite: `model`, `decode`, `sft`, `synth` or `reward`.
+    /// Which suite: `model`, `decode`, `sft`, `grpo`, `synth` or `reward`.
     #[arg(default_value = "model")]
     suite: String,
     /// Small shapes and few steps (what CI runs).
     #[arg(long)]
-    quick: bool,
+    pub quick: bool,
     /// Comma-separated presets for the model suite.
     #[arg(long)]
     shapes: Option<String>,
@@ -27,10 +27,10 @@ pub struct BenchArgs {
 }
 
 #[derive(Serialize)]
-struct Figure {
-    name: String,
-    value: f64,
-    unit: &'static str,
+pub struct Figure {
+    pub name: String,
+    pub value: f64,
+    pub unit: &'static str,
 }
 
 #[derive(Serialize)]
@@ -49,7 +49,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "reward" => reward_suite(&args, &mut figures)?,
         "decode" => decode_suite(&args, &mut figures)?,
         "sft" => sft_suite(&args, &mut figures)?,
-        other => bail!("unknown bench suite `{other}` (model, decode, sft, synth, reward)"),
+        "grpo" => crate::bench_grpo::grpo_suite(&args, &mut figures)?,
+        other => bail!("unknown bench suite `{other}` (model, decode, sft, grpo, synth, reward)"),
     }
     let report = Report {
         suite: args.suite.clone(),

@@ -1,20 +1,20 @@
 //! `cargo xtask sft`: supervised fine-tuning from a TOML config, with a progress bar, a
 //! metrics JSONL and checkpoints under the output directory.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use serde::{Deserialize, Serialize};
 use thinkjson_model::burn::tensor::backend::AutodiffBackend;
-use thinkjson_model::{CausalLm, DeviceSpec, ModelConfig, StorageDtype, Tokenizer};
+use thinkjson_model::{DeviceSpec, StorageDtype, Tokenizer};
 use thinkjson_sft::{Control, Encoder, EvalMetrics, Observer, RunInfo, SftConfig, SftExample, SftRun, StepMetrics};
 use thinkjson_synth::Row;
 
-use crate::backend::{dispatch_train, OnTrainBackend};
+use crate::backend::{dispatch_train, load_or_init, tokenizer_dir, tokenizer_files, OnTrainBackend};
 use crate::cmd_decode::chat_template;
+use crate::metrics_log::MetricsLog;
 
 #[derive(Args)]
 pub struct SftArgs {
@@ -154,10 +154,7 @@ pub fn sft(args: SftArgs) -> Result<()> {
     let Some(data) = file.data.clone() else {
         bail!("no training data: set `data` in the config or pass --data FILE.jsonl");
     };
-    let tok_dir = match &file.model {
-        Some(dir) if dir.join("tokenizer.json").exists() => dir.clone(),
-        _ => file.tokenizer.clone(),
-    };
+    let tok_dir = tokenizer_dir(file.model.as_deref(), &file.tokenizer);
     let tokenizer = Tokenizer::from_path(&tok_dir).with_context(|| format!("loading the tokenizer from {}", tok_dir.display()))?;
     let template = chat_template(&tok_dir)?;
     let encoder = Encoder::new(&tokenizer, &template, file.train.max_len)?;
@@ -180,11 +177,7 @@ pub fn sft(args: SftArgs) -> Result<()> {
     std::fs::create_dir_all(&file.out).with_context(|| format!("creating {}", file.out.display()))?;
     let resolved = toml::to_string(&file).context("writing the resolved config")?;
     std::fs::write(file.out.join("sft-config.toml"), resolved).context("writing sft-config.toml")?;
-    let extra_files: Vec<PathBuf> = ["tokenizer.json", "tokenizer_config.json"]
-        .iter()
-        .map(|f| tok_dir.join(f))
-        .filter(|p| p.exists())
-        .collect();
+    let extra_files = tokenizer_files(&tok_dir);
     let job = SftJob {
         file: file.clone(),
         tokenizer,
@@ -249,14 +242,7 @@ struct SftJob {
 impl OnTrainBackend for SftJob {
     type Output = RunSummary;
     fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<RunSummary> {
-        let model = match (&self.file.model, &self.file.preset) {
-            (Some(dir), _) => CausalLm::<B>::from_pretrained(dir, &device).with_context(|| format!("loading {}", dir.display()))?,
-            (None, Some(preset)) => {
-                let config = ModelConfig::preset(preset)?.with_vocab_size(self.tokenizer.vocab_size());
-                CausalLm::<B>::random(&config, self.file.init_seed, &device)?
-            }
-            (None, None) => bail!("no model: set `model` (an HF directory) or `preset` in the config, or pass --model / --preset"),
-        };
+        let model = load_or_init::<B>(self.file.model.as_deref(), self.file.preset.as_deref(), self.file.init_seed, &self.tokenizer, &device)?;
         let metrics_path = self.file.out.join("metrics.jsonl");
         let mut observer = CliObserver::new(&metrics_path)?;
         let (model, summary) = thinkjson_sft::train(model, &self.tokenizer, &self.train, &self.eval, &self.run, &mut observer)?;
@@ -282,27 +268,17 @@ impl OnTrainBackend for SftJob {
 
 /// Progress bar on stderr and one JSON line per step / evaluation in metrics.jsonl.
 struct CliObserver {
-    path: PathBuf,
-    out: Option<std::fs::File>,
+    log: MetricsLog,
     bar: ProgressBar,
 }
 
 impl CliObserver {
     fn new(path: &Path) -> Result<Self> {
-        Ok(Self {
-            path: path.to_path_buf(),
-            out: None,
-            bar: ProgressBar::hidden(),
-        })
+        Ok(Self { log: MetricsLog::new(path), bar: ProgressBar::hidden() })
     }
 
     fn write(&mut self, value: serde_json::Value) {
-        if let Some(f) = &mut self.out {
-            if let Err(e) = writeln!(f, "{value}") {
-                let path = self.path.display();
-                self.bar.suspend(|| eprintln!("warning: cannot append to {path}: {e}"));
-            }
-        }
+        self.log.write(&value, &self.bar);
     }
 
     fn finish(&self) {
@@ -312,38 +288,11 @@ impl CliObserver {
 
 impl Observer for CliObserver {
     fn on_start(&mut self, info: &RunInfo) {
-        // A resumed run drops the lines the interrupted run wrote after its last checkpoint.
-        let kept: Vec<String> = std::fs::read_to_string(&self.path)
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| {
-                serde_json::from_str::<serde_json::Value>(l)
-                    .ok()
-                    .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
-                    .is_some_and(|s| s <= info.start_step)
-            })
-            .map(str::to_string)
-            .collect();
-        let mut text = kept.join("\n");
-        if !text.is_empty() {
-            text.push('\n');
-        }
-        let opened = std::fs::write(&self.path, text).and_then(|_| std::fs::OpenOptions::new().append(true).open(&self.path));
-        match opened {
-            Ok(f) => self.out = Some(f),
-            Err(e) => eprintln!("warning: cannot write {}: {e}", self.path.display()),
-        }
+        self.log.open(info.start_step);
         if let Some(dir) = &info.resumed_from {
             eprintln!("resuming from {} (step {})", dir.display(), info.start_step);
         }
-        self.bar = ProgressBar::new(info.total_steps);
-        self.bar.set_style(
-            ProgressStyle::with_template("{spinner} sft [{bar:30}] {pos}/{len} steps · {msg} · ETA {eta}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
-        );
-        self.bar.set_position(info.start_step);
-        self.bar.reset_eta();
+        self.bar = crate::metrics_log::step_bar("sft", info.total_steps, info.start_step);
     }
 
     fn on_step(&mut self, m: &StepMetrics) -> Control {

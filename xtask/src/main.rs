@@ -3,9 +3,12 @@
 
 mod backend;
 mod bench;
+mod bench_grpo;
 mod cmd_decode;
 mod cmd_model;
+mod cmd_grpo;
 mod cmd_sft;
+mod metrics_log;
 mod cmd_eval;
 mod cmd_synth;
 
@@ -54,6 +57,8 @@ enum Verb {
     Report(cmd_eval::ReportArgs),
     /// Supervised fine-tuning (completion-only loss) from a TOML config; checkpoints, metrics JSONL, --resume.
     Sft(cmd_sft::SftArgs),
+    /// GRPO reinforcement learning with schema/format rewards (optionally constrained rollouts) from a TOML config.
+    Grpo(cmd_grpo::GrpoArgs),
     /// Run benchmarks and print the figures (and write them as JSON).
     Bench(bench::BenchArgs),
 }
@@ -81,6 +86,7 @@ fn main() -> ExitCode {
         Verb::Eval(a) => cmd_eval::eval(a),
         Verb::Report(a) => cmd_eval::report(a),
         Verb::Sft(a) => cmd_sft::sft(a),
+        Verb::Grpo(a) => cmd_grpo::grpo(a),
         Verb::Bench(a) => bench::run(a),
     };
     match result {

@@ -1,0 +1,502 @@
+//! The GRPO loop: generation batch → rewards → group advantages → μ clipped-surrogate
+//! updates → metrics and checkpoints.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::module::AutodiffModule;
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::ElementConversion;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use thinkjson_decode::Generator;
+use thinkjson_model::train::{read_trainer_state, write_training_state, AdamW, Checkpoints, LrSchedule, OPTIMIZER_FILE};
+use thinkjson_model::{CausalLm, ModelError, Tokenizer};
+use thinkjson_reward::{RewardSet, ValidatorCache};
+
+use crate::config::GrpoConfig;
+use crate::data::GrpoPrompt;
+use crate::error::{GrpoError, Result};
+use crate::loss::{policy_loss, token_weights, Surrogate, TokenInputs, TokenStats};
+use crate::rollout::{constraint_for, sample_and_score, MicroBatch, Rollout};
+
+/// Where and how a run keeps its checkpoints.
+#[derive(Debug, Clone)]
+pub struct GrpoRun {
+    pub config: GrpoConfig,
+    /// `step-NNNNNNNN` directories under this root.
+    pub checkpoint_root: PathBuf,
+    /// Files copied into every checkpoint (tokenizer files) so each is a complete model directory.
+    pub extra_files: Vec<PathBuf>,
+    /// Continue from the newest checkpoint under `checkpoint_root`, if there is one.
+    pub resume: bool,
+}
+
+/// Saved with every checkpoint. Every random draw (prompt order, sampled tokens) is derived
+/// from `plan.seed` and the step, so the step is the whole RNG and data position.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GrpoState {
+    pub step: u64,
+    pub updates: u64,
+    pub total_steps: u64,
+    pub plan: PlanFingerprint,
+}
+
+/// What determines the order of training; a resume with a different one is refused.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlanFingerprint {
+    pub prompts: usize,
+    pub prompt_tokens: usize,
+    pub seed: u64,
+    pub prompts_per_step: usize,
+    pub num_generations: usize,
+    pub num_iterations: usize,
+    pub max_steps: u64,
+}
+
+impl PlanFingerprint {
+    fn of(config: &GrpoConfig, prompts: &[GrpoPrompt]) -> Self {
+        Self {
+            prompts: prompts.len(),
+            prompt_tokens: prompts.iter().map(|p| p.prompt.len()).sum(),
+            seed: config.seed,
+            prompts_per_step: config.prompts_per_step,
+            num_generations: config.num_generations,
+            num_iterations: config.num_iterations,
+            max_steps: config.max_steps,
+        }
+    }
+}
+
+/// Known before the first step.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunInfo {
+    pub total_steps: u64,
+    pub start_step: u64,
+    pub resumed_from: Option<PathBuf>,
+    pub prompts: usize,
+    pub completions_per_step: usize,
+    pub reward_functions: Vec<String>,
+}
+
+/// Mean and std of one quantity over a generation batch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct MeanStd {
+    pub mean: f64,
+    pub std: f64,
+}
+
+impl MeanStd {
+    fn of(xs: &[f64]) -> Self {
+        let n = xs.len().max(1) as f64;
+        let mean = xs.iter().sum::<f64>() / n;
+        let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n;
+        Self { mean, std: var.sqrt() }
+    }
+}
+
+/// Seconds per phase of a step.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct TimeSplit {
+    pub generation: f64,
+    pub reward: f64,
+    /// Forward passes that score tokens: the policy's (graph built) and the reference's.
+    pub logprobs: f64,
+    pub backward: f64,
+    /// AdamW updates.
+    pub optimizer: f64,
+    pub total: f64,
+}
+
+/// One generation batch and its updates.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepMetrics {
+    pub step: u64,
+    /// Optimiser updates so far.
+    pub updates: u64,
+    pub lr: f64,
+    /// Summed surrogate loss of the step's last update.
+    pub loss: f64,
+    pub grad_norm: f64,
+    pub clip_scale: f64,
+    pub reward_mean: f64,
+    pub reward_std: f64,
+    /// Per reward function (unweighted scores).
+    pub rewards: BTreeMap<String, MeanStd>,
+    /// Groups whose completions all scored the same: no learning signal.
+    pub frac_zero_std: f64,
+    /// Mean k3 KL to the reference over the active tokens (0 when β = 0: not computed).
+    pub kl: f64,
+    pub clip_low: f64,
+    pub clip_high: f64,
+    /// Largest |ratio − 1| seen over the step's updates.
+    pub max_ratio_dev: f64,
+    /// Mean per-token entropy of the policy at the first update.
+    pub entropy: f64,
+    pub completion_len_mean: f64,
+    pub completion_len_max: usize,
+    pub truncated_share: f64,
+    pub valid_json_rate: f64,
+    pub schema_valid_rate: f64,
+    /// Tokens that carried loss.
+    pub active_tokens: usize,
+    /// Updates skipped because no completion carried signal (all advantages 0, β = 0).
+    pub skipped_updates: usize,
+    pub time: TimeSplit,
+}
+
+/// A logged completion.
+#[derive(Debug, Clone, Serialize)]
+pub struct Sample {
+    pub step: u64,
+    pub prompt_id: String,
+    pub completion: String,
+    pub reward: f64,
+    pub advantage: f64,
+    pub parts: BTreeMap<String, f64>,
+}
+
+/// What the caller wants after a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    Continue,
+    /// End the run now, without a checkpoint (as if it were killed).
+    Stop,
+}
+
+/// Receives progress; the CLI turns it into a progress bar and JSONL files.
+pub trait Observer {
+    fn on_start(&mut self, _info: &RunInfo) {}
+    /// Every completion of the step, after scoring (for `--export-samples`).
+    fn on_rollout(&mut self, _step: u64, _prompts: &[&GrpoPrompt], _rollout: &Rollout) {}
+    fn on_step(&mut self, _metrics: &StepMetrics) -> Control {
+        Control::Continue
+    }
+    fn on_samples(&mut self, _samples: &[Sample]) {}
+    fn on_checkpoint(&mut self, _step: u64, _dir: &Path) {}
+}
+
+impl Observer for () {}
+
+/// The end of a run.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub info: RunInfo,
+    pub last_step: u64,
+    pub stopped_early: bool,
+    pub reward_means: Vec<f64>,
+    pub last_checkpoint: Option<PathBuf>,
+}
+
+/// The prompts of generation batch `step`: consecutive positions in a sequence of seeded
+/// per-epoch shuffles.
+pub fn prompts_of_step(n: usize, config: &GrpoConfig, step: u64) -> Vec<usize> {
+    let per = config.prompts_per_step;
+    let start = step as usize * per;
+    let mut out = Vec::with_capacity(per);
+    let mut cached: Option<(usize, Vec<usize>)> = None;
+    for pos in start..start + per {
+        let epoch = pos / n;
+        if cached.as_ref().is_none_or(|(e, _)| *e != epoch) {
+            let mut order: Vec<usize> = (0..n).collect();
+            let mut rng = ChaCha8Rng::seed_from_u64(config.seed ^ (epoch as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            order.shuffle(&mut rng);
+            cached = Some((epoch, order));
+        }
+        if let Some((_, order)) = &cached {
+            out.push(order[pos % n]);
+        }
+    }
+    out
+}
+
+/// Trains `model` with GRPO on `prompts`, scored by `rewards`. With β > 0 the model as
+/// passed in is the frozen reference (also on resume: pass the same starting weights).
+pub fn train<B: AutodiffBackend>(
+    mut model: CausalLm<B>,
+    tokenizer: &Tokenizer,
+    prompts: &[GrpoPrompt],
+    rewards: &RewardSet,
+    run: &GrpoRun,
+    observer: &mut dyn Observer,
+) -> Result<(CausalLm<B>, Summary)> {
+    let config = &run.config;
+    config.validate()?;
+    if prompts.is_empty() {
+        return Err(GrpoError::Data("no prompts".into()));
+    }
+    if let Some(p) = prompts.iter().find(|p| p.prompt.is_empty()) {
+        return Err(GrpoError::Data(format!("prompt {} is empty", p.id)));
+    }
+    let generator = Generator::for_model(tokenizer, &model)?;
+    // A schema the constraint cannot compile fails the run now, naming the prompt.
+    let mut seen = std::collections::HashSet::new();
+    for p in prompts {
+        if seen.insert(serde_json::to_string(&p.schema).unwrap_or_default()) {
+            generator
+                .compile(&constraint_for(config, p))
+                .map_err(|e| GrpoError::Data(format!("prompt {}: schema rejected: {e}", p.id)))?;
+        }
+    }
+    let total = config.max_steps;
+    let updates_total = config.total_updates();
+    let warmup = (config.warmup_ratio * updates_total as f64).ceil() as u64;
+    let schedule = LrSchedule { min_lr_ratio: config.min_lr_ratio, ..LrSchedule::new(config.lr, warmup, updates_total, config.decay) };
+    let fingerprint = PlanFingerprint::of(config, prompts);
+    let checkpoints = Checkpoints::new(&run.checkpoint_root, config.keep_last);
+    let reference: Option<CausalLm<B::InnerBackend>> = (config.beta != 0.0).then(|| model.valid());
+    let mut optimizer = AdamW::<B>::new(config.optimizer);
+    let mut state = GrpoState { step: 0, updates: 0, total_steps: total, plan: fingerprint.clone() };
+    let mut resumed_from = None;
+    if !run.resume {
+        if let Some((step, dir)) = checkpoints.latest()? {
+            return Err(GrpoError::Resume(format!(
+                "{} already holds a checkpoint (step {step}, {}); resume it or use another output directory",
+                run.checkpoint_root.display(),
+                dir.display()
+            )));
+        }
+    } else if let Some((_, dir)) = checkpoints.latest()? {
+        let saved: GrpoState = read_trainer_state(&dir)?;
+        if saved.plan != fingerprint {
+            return Err(GrpoError::Resume(format!(
+                "{} was trained with a different plan ({:?}) than this run ({:?}); resume with the same prompts and settings",
+                dir.display(),
+                saved.plan,
+                fingerprint
+            )));
+        }
+        model = CausalLm::from_pretrained(&dir, &model.device())?;
+        optimizer.load(&model, &dir.join(OPTIMIZER_FILE))?;
+        state = saved;
+        resumed_from = Some(dir);
+    }
+    let info = RunInfo {
+        total_steps: total,
+        start_step: state.step,
+        resumed_from,
+        prompts: prompts.len(),
+        completions_per_step: config.completions_per_step(),
+        reward_functions: rewards.names(),
+    };
+    observer.on_start(&info);
+    let pad_id = thinkjson_sft::pad_id(tokenizer, &model);
+    let validators = ValidatorCache::new();
+    let surrogate = Surrogate { epsilon_low: config.epsilon_low, epsilon_high: config.epsilon_high, beta: config.beta };
+    let mut reward_means = Vec::new();
+    let mut last_checkpoint = None;
+    for index in state.step..total {
+        let step = index + 1;
+        let started = Instant::now();
+        let chosen: Vec<&GrpoPrompt> = prompts_of_step(prompts.len(), config, index).into_iter().map(|i| &prompts[i]).collect();
+        let inner = model.valid();
+        let rollout = sample_and_score(&inner, &generator, &chosen, rewards, &validators, config, index)?;
+        drop(inner);
+        // Weights gone non-finite show first in the sampler's log-probs (a NaN model still
+        // "samples", and its all-equal rewards would otherwise skip every update).
+        if let Some(bad) = rollout.completions.iter().flat_map(|s| s.completion.logprobs.iter()).find(|lp| !lp.is_finite()) {
+            return Err(GrpoError::NonFinite { step, what: "rollout log-prob", value: f64::from(*bad) });
+        }
+        for s in &rollout.completions {
+            if let Some((name, v)) = s.parts.iter().find(|(_, v)| !v.is_finite()) {
+                return Err(GrpoError::NonFiniteReward { step, function: name.clone(), value: *v });
+            }
+        }
+        observer.on_rollout(step, &chosen, &rollout);
+        let mut time = TimeSplit { generation: rollout.generation_secs, reward: rollout.reward_secs, ..TimeSplit::default() };
+
+        let n = rollout.completions.len();
+        let per_micro = n.div_ceil(config.grad_accum);
+        let row_groups: Vec<Vec<usize>> = (0..n).collect::<Vec<_>>().chunks(per_micro).map(<[usize]>::to_vec).collect();
+        let micro: Vec<MicroBatch> = row_groups
+            .iter()
+            .map(|rows| MicroBatch::build(&rollout, &chosen, rows, config.mask_truncated_completions, pad_id))
+            .collect::<Result<_>>()?;
+        let step_active: usize = micro.iter().map(|m| m.positions.len()).sum();
+        let t_ref = Instant::now();
+        let reference_logps: Vec<Option<Vec<f32>>> = match &reference {
+            Some(r) => micro
+                .iter()
+                .map(|m| {
+                    if m.positions.is_empty() {
+                        return Ok(None);
+                    }
+                    let lp = r.selected_scores(&m.tokens, &m.positions, &m.targets, config.logprob_chunk, f64::from(config.temperature), false)?.0;
+                    Ok(Some(to_host(lp)?))
+                })
+                .collect::<Result<_>>()?,
+            None => vec![None; micro.len()],
+        };
+        time.logprobs += t_ref.elapsed().as_secs_f64();
+
+        let mut stats = TokenStats::default();
+        let (mut entropy_sum, mut entropy_tokens) = (0.0, 0usize);
+        let (mut loss_value, mut grad_norm, mut clip_scale, mut lr, mut skipped) = (0.0, 0.0, 1.0, schedule.lr(state.updates), 0);
+        for iteration in 0..config.num_iterations {
+            let mut accumulator = GradientsAccumulator::<CausalLm<B>>::new();
+            let mut any = false;
+            loss_value = 0.0;
+            for (m, reference) in micro.iter().zip(&reference_logps) {
+                let advantages = m.token_advantages(&rollout);
+                let signal = config.beta != 0.0 || advantages.iter().any(|&a| a != 0.0);
+                if m.positions.is_empty() || !signal {
+                    continue;
+                }
+                let t0 = Instant::now();
+                let (logps, entropy) = model.selected_scores(
+                    &m.tokens,
+                    &m.positions,
+                    &m.targets,
+                    config.logprob_chunk,
+                    f64::from(config.temperature),
+                    iteration == 0,
+                )?;
+                if let Some(e) = entropy {
+                    entropy_sum += e.sum().into_scalar().elem::<f64>();
+                    entropy_tokens += m.positions.len();
+                }
+                let inputs = TokenInputs {
+                    // μ = 1 trains on fresh samples: old = current, detached (ratio exactly 1).
+                    old: (config.num_iterations > 1).then(|| m.rollout_logprobs(&rollout)),
+                    reference: reference.clone(),
+                    advantages,
+                    weights: token_weights(config.loss_type, &m.active, micro.len(), step_active, config.max_completion_len),
+                };
+                let (loss, micro_stats) = policy_loss(logps, &inputs, &surrogate)?;
+                let value = loss.clone().into_scalar().elem::<f64>();
+                if !value.is_finite() {
+                    return Err(GrpoError::NonFinite { step, what: "loss", value });
+                }
+                time.logprobs += t0.elapsed().as_secs_f64();
+                let t1 = Instant::now();
+                let grads = GradientsParams::from_grads(loss.backward(), &model);
+                accumulator.accumulate(&model, grads);
+                time.backward += t1.elapsed().as_secs_f64();
+                loss_value += value;
+                stats.add(&micro_stats);
+                any = true;
+            }
+            lr = schedule.lr(state.updates);
+            state.updates += 1;
+            if !any {
+                skipped += 1;
+                continue;
+            }
+            let t2 = Instant::now();
+            let (next, report) = optimizer.step(lr, model, accumulator.grads()).map_err(|e| match e {
+                ModelError::NonFinite(_) => GrpoError::NonFinite { step, what: "gradient norm", value: f64::NAN },
+                other => GrpoError::Model(other),
+            })?;
+            model = next;
+            time.optimizer += t2.elapsed().as_secs_f64();
+            grad_norm = report.grad_norm;
+            clip_scale = report.clip_scale;
+        }
+        state.step = step;
+        time.total = started.elapsed().as_secs_f64();
+        let metrics = step_metrics(&rollout, &stats, StepExtras {
+            step,
+            updates: state.updates,
+            lr,
+            loss: loss_value,
+            grad_norm,
+            clip_scale,
+            entropy: entropy_sum / entropy_tokens.max(1) as f64,
+            active_tokens: step_active,
+            skipped,
+            time,
+            beta: config.beta,
+        });
+        reward_means.push(metrics.reward_mean);
+        if config.sample_every > 0 && (step.is_multiple_of(config.sample_every) || step == 1) && config.samples_logged > 0 {
+            let samples: Vec<Sample> = rollout
+                .completions
+                .iter()
+                .enumerate()
+                .step_by(config.num_generations.max(1))
+                .take(config.samples_logged)
+                .map(|(j, s)| Sample {
+                    step,
+                    prompt_id: chosen[s.prompt_index].id.clone(),
+                    completion: s.completion.text.clone(),
+                    reward: s.reward,
+                    advantage: rollout.advantages.values[j],
+                    parts: s.parts.clone(),
+                })
+                .collect();
+            observer.on_samples(&samples);
+        }
+        if observer.on_step(&metrics) == Control::Stop {
+            return Ok((model, Summary { info, last_step: step, stopped_early: true, reward_means, last_checkpoint }));
+        }
+        let due = step == total || (config.save_every > 0 && step.is_multiple_of(config.save_every));
+        if due {
+            let dir = checkpoints.save(step, |tmp| write_training_state(tmp, &model, &optimizer, &state, &run.extra_files))?;
+            observer.on_checkpoint(step, &dir);
+            last_checkpoint = Some(dir);
+        }
+    }
+    Ok((model, Summary { info, last_step: state.step, stopped_early: false, reward_means, last_checkpoint }))
+}
+
+fn to_host<B: burn::tensor::backend::Backend>(t: burn::tensor::Tensor<B, 1>) -> Result<Vec<f32>> {
+    t.into_data().convert::<f32>().to_vec::<f32>().map_err(|e| GrpoError::Data(format!("reading log-probs: {e:?}")))
+}
+
+struct StepExtras {
+    step: u64,
+    updates: u64,
+    lr: f64,
+    loss: f64,
+    grad_norm: f64,
+    clip_scale: f64,
+    entropy: f64,
+    active_tokens: usize,
+    skipped: usize,
+    time: TimeSplit,
+    beta: f64,
+}
+
+fn step_metrics(rollout: &Rollout, stats: &TokenStats, x: StepExtras) -> StepMetrics {
+    let c = &rollout.completions;
+    let n = c.len().max(1) as f64;
+    let totals: Vec<f64> = c.iter().map(|s| s.reward).collect();
+    let overall = MeanStd::of(&totals);
+    let mut per_fn: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for s in c {
+        for (name, v) in &s.parts {
+            per_fn.entry(name.clone()).or_default().push(*v);
+        }
+    }
+    let lens: Vec<usize> = c.iter().map(|s| s.completion.tokens.len()).collect();
+    let share = |f: &dyn Fn(&crate::rollout::Scored) -> bool| c.iter().filter(|s| f(s)).count() as f64 / n;
+    StepMetrics {
+        step: x.step,
+        updates: x.updates,
+        lr: x.lr,
+        loss: x.loss,
+        grad_norm: x.grad_norm,
+        clip_scale: x.clip_scale,
+        reward_mean: overall.mean,
+        reward_std: overall.std,
+        rewards: per_fn.into_iter().map(|(k, v)| (k, MeanStd::of(&v))).collect(),
+        frac_zero_std: rollout.advantages.frac_zero_std(),
+        kl: if x.beta != 0.0 { stats.kl_mean() } else { 0.0 },
+        clip_low: stats.clip_low_frac(),
+        clip_high: stats.clip_high_frac(),
+        max_ratio_dev: stats.max_ratio_dev,
+        entropy: x.entropy,
+        completion_len_mean: lens.iter().sum::<usize>() as f64 / n,
+        completion_len_max: lens.iter().copied().max().unwrap_or(0),
+        truncated_share: share(&|s| s.truncated),
+        valid_json_rate: share(&|s| s.valid_json),
+        schema_valid_rate: share(&|s| s.schema_valid),
+        active_tokens: x.active_tokens,
+        skipped_updates: x.skipped,
+        time: x.time,
+    }
+}

@@ -44,7 +44,7 @@ pub use device::{probe_cuda, CpuBackend, CpuTrainBackend, DeviceSpec};
 pub use device::{CudaBackend, CudaBf16Backend};
 pub use error::{ModelError, Result};
 pub use model::{CausalLm, KvCache};
-pub use tokenizer::{SpecialTokens, Tokenizer};
+pub use tokenizer::{train_bpe, SpecialTokens, Tokenizer};
 pub use weights::write_atomic;
 
 /// Re-exported so dependants name the same burn.

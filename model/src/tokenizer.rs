@@ -143,3 +143,32 @@ impl Tokenizer {
         }
     }
 }
+
+/// Trains a byte-level BPE (GPT-2 pre-tokenisation, as Qwen's family) on `texts`.
+/// `special` become special added tokens (ChatML markers: stripped when decoding with
+/// `skip_special`), `added` ordinary added tokens (`<think>`, `<answer>`: kept in decoded
+/// text, always one id). `vocab_size` counts the learned merges and the special tokens.
+pub fn train_bpe(texts: &[String], vocab_size: usize, special: &[&str], added: &[&str]) -> Result<tokenizers::Tokenizer> {
+    use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+    use tokenizers::models::{ModelWrapper, TrainerWrapper};
+    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+    use tokenizers::AddedToken;
+    let fail = |reason: String| ModelError::Tokenizer { path: PathBuf::from("<trained BPE>"), reason };
+    if texts.is_empty() {
+        return Err(fail("no texts to train on".into()));
+    }
+    let mut trainer: TrainerWrapper = BpeTrainerBuilder::new()
+        .vocab_size(vocab_size)
+        .min_frequency(2)
+        .show_progress(false)
+        .special_tokens(special.iter().map(|s| AddedToken::from(*s, true)).collect())
+        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+        .build()
+        .into();
+    let mut tok = tokenizers::Tokenizer::new(ModelWrapper::BPE(BPE::default()));
+    tok.with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false)));
+    tok.with_decoder(Some(ByteLevel::default()));
+    tok.train(&mut trainer, texts.iter()).map_err(|e| fail(format!("training: {e}")))?;
+    tok.add_tokens(&added.iter().map(|s| AddedToken::from(*s, false)).collect::<Vec<_>>());
+    Ok(tok)
+}

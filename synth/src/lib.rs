@@ -38,7 +38,7 @@ pub mod schema_ops;
 pub mod stats;
 pub mod values;
 
-pub use dataset::{generate, split_of, Generator, Row, Split, SynthConfig};
+pub use dataset::{generate, split_of, stable_hash, Generator, Row, Split, SynthConfig};
 pub use domain::DocKind;
 pub use error::SynthError;
 pub use render::{Span, Style};

@@ -12,8 +12,9 @@ use thinkjson_model::{CausalLm, CpuBackend, CpuTrainBackend, KvCache, ModelConfi
 
 #[derive(Args)]
 pub struct BenchArgs {
-    /// Which suite: `model`, `decode`, `sft`, `grpo`, `synth` or `reward`.
-    #[arg(default_value = "model")]
+    /// Which suite: `all` (model, decode, reward, sft, grpo), or one of `model`, `decode`,
+    /// `sft`, `grpo`, `synth`, `reward`.
+    #[arg(default_value = "all")]
     suite: String,
     /// Small shapes and few steps (what CI runs).
     #[arg(long)]
@@ -50,7 +51,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "decode" => decode_suite(&args, &mut figures)?,
         "sft" => sft_suite(&args, &mut figures)?,
         "grpo" => crate::bench_grpo::grpo_suite(&args, &mut figures)?,
-        other => bail!("unknown bench suite `{other}` (model, decode, sft, grpo, synth, reward)"),
+        "all" => {
+            model_suite(&args, &mut figures)?;
+            decode_suite(&args, &mut figures)?;
+            reward_suite(&args, &mut figures)?;
+            sft_suite(&args, &mut figures)?;
+            crate::bench_grpo::grpo_suite(&args, &mut figures)?;
+        }
+        other => bail!("unknown bench suite `{other}` (all, model, decode, sft, grpo, synth, reward)"),
     }
     let report = Report {
         suite: args.suite.clone(),

@@ -4,7 +4,7 @@
 use anyhow::Result;
 use thinkjson_grpo::{Control, GrpoConfig, GrpoRun, Observer, RolloutConstraint, StepMetrics, TimeSplit};
 use thinkjson_model::{CausalLm, CpuTrainBackend, ModelConfig, Tokenizer};
-use thinkjson_reward::RewardSet;
+use thinkjson_reward::{LengthReward, RewardSet};
 
 use crate::bench::{BenchArgs, Figure};
 
@@ -49,7 +49,10 @@ pub fn grpo_suite(args: &BenchArgs, figures: &mut Vec<Figure>) -> Result<()> {
         };
         let model = CausalLm::<CpuTrainBackend>::random(&config, 0, &Default::default())?;
         let mut times = Times::default();
-        thinkjson_grpo::train(model, &tokenizer, &prompts, &RewardSet::default(), &run, &mut times)?;
+        // A length term keeps reward variance in every group, so every step trains (a random
+        // model's completions otherwise tie and the update is skipped).
+        let rewards = RewardSet::default().with(Box::new(LengthReward { target_chars: len * 3 }), 0.1);
+        thinkjson_grpo::train(model, &tokenizer, &prompts, &rewards, &run, &mut times)?;
         // The first step allocates the optimiser state; the median total of the rest.
         let mut rest = times.0[1..].to_vec();
         rest.sort_by(|a, b| a.total.total_cmp(&b.total));

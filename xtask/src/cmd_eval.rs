@@ -87,7 +87,7 @@ pub fn report(args: ReportArgs) -> Result<()> {
     write_report(&merged, &args.out)
 }
 
-fn write_report(report: &Report, out: &Path) -> Result<()> {
+pub fn write_report(report: &Report, out: &Path) -> Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let write = |name: &str, text: &str| -> Result<()> {
         thinkjson_model::write_atomic(&out.join(name), text.as_bytes()).with_context(|| format!("writing {name}"))

@@ -146,6 +146,23 @@ pub fn grpo(args: GrpoArgs) -> Result<()> {
         None => GrpoFile::default(),
     };
     file.apply(&args);
+    let summary = run_grpo(&file, args.resume, args.export_samples.as_deref())?;
+    if args.json {
+        crate::print_out(&serde_json::to_string_pretty(&summary)?)?;
+    } else {
+        eprintln!(
+            "grpo: {} steps, reward {:.3} → {:.3}, final model in {}",
+            summary.last_step,
+            summary.first_reward.unwrap_or(f64::NAN),
+            summary.last_reward.unwrap_or(f64::NAN),
+            summary.final_model.display()
+        );
+    }
+    Ok(())
+}
+
+/// Runs the GRPO stage `file` describes (also the pipeline's GRPO stage).
+pub fn run_grpo(file: &GrpoFile, resume: bool, export_samples: Option<&Path>) -> Result<RunSummary> {
     file.train.validate()?;
     let device: DeviceSpec = file.device.parse()?;
     let Some(data) = file.data.clone() else {
@@ -184,7 +201,7 @@ pub fn grpo(args: GrpoArgs) -> Result<()> {
     std::fs::create_dir_all(&file.out).with_context(|| format!("creating {}", file.out.display()))?;
     std::fs::write(file.out.join("grpo-config.toml"), toml::to_string(&file).context("writing the resolved config")?)
         .with_context(|| format!("writing {}", file.out.join("grpo-config.toml").display()))?;
-    let export = match &args.export_samples {
+    let export = match export_samples {
         Some(p) => Some(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?),
         None => None,
     };
@@ -193,38 +210,26 @@ pub fn grpo(args: GrpoArgs) -> Result<()> {
             config: file.train.clone(),
             checkpoint_root: file.out.join("checkpoints"),
             extra_files: tokenizer_files(&tok_dir),
-            resume: args.resume,
+            resume,
         },
-        file,
+        file: file.clone(),
         tokenizer,
         prompts,
         rewards,
         export,
     };
-    let summary = dispatch_train(device, job)?;
-    if args.json {
-        crate::print_out(&serde_json::to_string_pretty(&summary)?)?;
-    } else {
-        eprintln!(
-            "grpo: {} steps, reward {:.3} → {:.3}, final model in {}",
-            summary.last_step,
-            summary.first_reward.unwrap_or(f64::NAN),
-            summary.last_reward.unwrap_or(f64::NAN),
-            summary.final_model.display()
-        );
-    }
-    Ok(())
+    dispatch_train(device, job)
 }
 
 #[derive(Debug, Serialize)]
-struct RunSummary {
-    last_step: u64,
-    total_steps: u64,
-    start_step: u64,
-    first_reward: Option<f64>,
-    last_reward: Option<f64>,
-    final_model: PathBuf,
-    metrics: PathBuf,
+pub struct RunSummary {
+    pub last_step: u64,
+    pub total_steps: u64,
+    pub start_step: u64,
+    pub first_reward: Option<f64>,
+    pub last_reward: Option<f64>,
+    pub final_model: PathBuf,
+    pub metrics: PathBuf,
 }
 
 struct GrpoJob {

@@ -149,6 +149,22 @@ pub fn sft(args: SftArgs) -> Result<()> {
         None => SftFile::default(),
     };
     file.apply(&args);
+    let summary = run_sft(&file, args.resume)?;
+    if args.json {
+        crate::print_out(&serde_json::to_string_pretty(&summary)?)?;
+    } else {
+        eprintln!(
+            "sft: {} steps, last loss {:.4}, final model in {}",
+            summary.last_step,
+            summary.last_loss.unwrap_or(f64::NAN),
+            summary.final_model.display()
+        );
+    }
+    Ok(())
+}
+
+/// Runs the SFT stage `file` describes (also the pipeline's SFT stage).
+pub fn run_sft(file: &SftFile, resume: bool) -> Result<RunSummary> {
     file.train.validate()?;
     let device: DeviceSpec = file.device.parse()?;
     let Some(data) = file.data.clone() else {
@@ -187,21 +203,10 @@ pub fn sft(args: SftArgs) -> Result<()> {
             config: file.train.clone(),
             checkpoint_root: file.out.join("checkpoints"),
             extra_files: extra_files.clone(),
-            resume: args.resume,
+            resume,
         },
     };
-    let summary = dispatch_train(device, job)?;
-    if args.json {
-        crate::print_out(&serde_json::to_string_pretty(&summary)?)?;
-    } else {
-        eprintln!(
-            "sft: {} steps, last loss {:.4}, final model in {}",
-            summary.last_step,
-            summary.last_loss.unwrap_or(f64::NAN),
-            summary.final_model.display()
-        );
-    }
-    Ok(())
+    dispatch_train(device, job)
 }
 
 /// Synth JSONL rows; malformed lines are reported and skipped.
@@ -221,14 +226,14 @@ pub fn read_rows(path: &Path) -> Result<Vec<Row>> {
 }
 
 #[derive(Debug, Serialize)]
-struct RunSummary {
-    last_step: u64,
-    total_steps: u64,
-    start_step: u64,
-    last_loss: Option<f64>,
-    final_eval: Option<EvalMetrics>,
-    final_model: PathBuf,
-    metrics: PathBuf,
+pub struct RunSummary {
+    pub last_step: u64,
+    pub total_steps: u64,
+    pub start_step: u64,
+    pub last_loss: Option<f64>,
+    pub final_eval: Option<EvalMetrics>,
+    pub final_model: PathBuf,
+    pub metrics: PathBuf,
 }
 
 struct SftJob {

@@ -9,6 +9,7 @@ mod cmd_model;
 mod cmd_grpo;
 mod cmd_sft;
 mod metrics_log;
+mod pipeline;
 mod cmd_eval;
 mod cmd_synth;
 
@@ -59,6 +60,8 @@ enum Verb {
     Sft(cmd_sft::SftArgs),
     /// GRPO reinforcement learning with schema/format rewards (optionally constrained rollouts) from a TOML config.
     Grpo(cmd_grpo::GrpoArgs),
+    /// The whole recipe: synth → tokenizer → model → SFT → GRPO → eval report (embedded CPU default without --config).
+    Pipeline(pipeline::PipelineArgs),
     /// Run benchmarks and print the figures (and write them as JSON).
     Bench(bench::BenchArgs),
 }
@@ -87,6 +90,7 @@ fn main() -> ExitCode {
         Verb::Report(a) => cmd_eval::report(a),
         Verb::Sft(a) => cmd_sft::sft(a),
         Verb::Grpo(a) => cmd_grpo::grpo(a),
+        Verb::Pipeline(a) => pipeline::pipeline(a),
         Verb::Bench(a) => bench::run(a),
     };
     match result {

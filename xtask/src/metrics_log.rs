@@ -53,9 +53,16 @@ impl MetricsLog {
     }
 }
 
+/// Every progress bar of the process, drawn together (the pipeline's stage bar above a
+/// trainer's step bar).
+pub fn progress() -> &'static indicatif::MultiProgress {
+    static MULTI: std::sync::OnceLock<indicatif::MultiProgress> = std::sync::OnceLock::new();
+    MULTI.get_or_init(indicatif::MultiProgress::new)
+}
+
 /// A step progress bar with ETA, positioned at `start` (a resumed run).
 pub fn step_bar(stage: &str, total: u64, start: u64) -> ProgressBar {
-    let bar = ProgressBar::new(total);
+    let bar = progress().add(ProgressBar::new(total));
     bar.set_style(
         indicatif::ProgressStyle::with_template(&format!("{{spinner}} {stage} [{{bar:30}}] {{pos}}/{{len}} steps · {{msg}} · ETA {{eta}}"))
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())

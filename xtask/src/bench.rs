@@ -13,7 +13,7 @@ use thinkjson_model::{CausalLm, CpuBackend, CpuTrainBackend, KvCache, ModelConfi
 #[derive(Args)]
 pub struct BenchArgs {
     /// Which suite: `all` (model, decode, reward, sft, grpo), or one of `model`, `decode`,
-    /// `sft`, `grpo`, `synth`, `reward`.
+    /// `sft`, `grpo`, `synth`, `reward`, `gpu` (CUDA; a binary built with --features cuda).
     #[arg(default_value = "all")]
     suite: String,
     /// Small shapes and few steps (what CI runs).
@@ -22,6 +22,9 @@ pub struct BenchArgs {
     /// Comma-separated presets for the model suite.
     #[arg(long)]
     shapes: Option<String>,
+    /// The CUDA device of the `gpu` suite (cuda:0 when not given).
+    #[arg(long)]
+    pub device: Option<thinkjson_model::DeviceSpec>,
     /// Where to write the figures.
     #[arg(long, default_value = "bench.json")]
     out: PathBuf,
@@ -51,6 +54,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "decode" => decode_suite(&args, &mut figures)?,
         "sft" => sft_suite(&args, &mut figures)?,
         "grpo" => crate::bench_grpo::grpo_suite(&args, &mut figures)?,
+        "gpu" => crate::bench_gpu::gpu_suite(&args, &mut figures)?,
         "all" => {
             model_suite(&args, &mut figures)?;
             decode_suite(&args, &mut figures)?;
@@ -58,11 +62,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
             sft_suite(&args, &mut figures)?;
             crate::bench_grpo::grpo_suite(&args, &mut figures)?;
         }
-        other => bail!("unknown bench suite `{other}` (all, model, decode, sft, grpo, synth, reward)"),
+        other => bail!("unknown bench suite `{other}` (all, model, decode, sft, grpo, synth, reward, gpu)"),
     }
     let report = Report {
         suite: args.suite.clone(),
-        backend: std::any::type_name::<CpuBackend>(),
+        backend: if args.suite == "gpu" { "cuda (burn-cuda, f32 and bf16)" } else { std::any::type_name::<CpuBackend>() },
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
         figures,
     };
@@ -215,7 +219,7 @@ fn push(figures: &mut Vec<Figure>, shape: &str, what: &str, value: f64, unit: &'
 }
 
 /// Greedy-shaped decode: a 32-token prompt, then `steps` single-token steps with the KV cache.
-fn decode_rate<B: Backend>(model: &CausalLm<B>, batch: usize, steps: usize) -> Result<f64> {
+pub fn decode_rate<B: Backend>(model: &CausalLm<B>, batch: usize, steps: usize) -> Result<f64> {
     let prompts: Vec<Vec<u32>> = (0..batch).map(|b| (0..32 - b as u32 % 4).map(|i| 100 + i + b as u32).collect()).collect();
     let mut cache = KvCache::new(batch, model.config().num_hidden_layers);
     let hidden = model.hidden_cached(&TokenBatch::new(&prompts, Padding::Left, 0)?, &mut cache)?;

@@ -1,8 +1,10 @@
-//! `cargo xtask bench grpo`: where one GRPO step's time goes on the CPU (tiny preset, real
-//! Qwen tokenizer, synthetic prompts), free and think-then-JSON-constrained rollouts.
+//! `cargo xtask bench grpo`: where one GRPO step's time goes (real Qwen tokenizer, synthetic
+//! prompts), free and think-then-JSON-constrained rollouts. On the CPU at the tiny preset;
+//! `bench gpu` runs the same step at the 1.5B shape on CUDA.
 
 use anyhow::Result;
 use thinkjson_grpo::{Control, GrpoConfig, GrpoRun, Observer, RolloutConstraint, StepMetrics, TimeSplit};
+use thinkjson_model::burn::tensor::backend::AutodiffBackend;
 use thinkjson_model::{CausalLm, CpuTrainBackend, ModelConfig, Tokenizer};
 use thinkjson_reward::{LengthReward, RewardSet};
 
@@ -19,15 +21,20 @@ impl Observer for Times {
 }
 
 pub fn grpo_suite(args: &BenchArgs, figures: &mut Vec<Figure>) -> Result<()> {
-    let (prompts_per_step, g, len, steps) = if args.quick { (1, 4, 32, 2) } else { (2, 8, 64, 3) };
+    grpo_step::<CpuTrainBackend>(args.quick, "grpo/tiny", "tiny", &Default::default(), figures)
+}
+
+/// Median GRPO step (steps after the first) of `preset` on backend `B`, split by phase.
+pub fn grpo_step<B: AutodiffBackend>(quick: bool, prefix: &str, preset: &str, device: &B::Device, figures: &mut Vec<Figure>) -> Result<()> {
+    let (prompts_per_step, g, len, steps) = if quick { (1, 4, 32, 2) } else { (2, 8, 64, 3) };
     let assets = std::path::Path::new("assets/qwen");
     let tokenizer = Tokenizer::from_path(assets)?;
     let template = crate::cmd_decode::chat_template(assets)?;
     let rows = thinkjson_synth::generate(thinkjson_synth::SynthConfig { rows: 16, seed: 5, ..Default::default() })?;
     let (prompts, _) = thinkjson_grpo::encode_prompts(&tokenizer, &template, &rows, 4096)?;
     let mean_prompt = prompts.iter().map(|p| p.prompt.len()).sum::<usize>() as f64 / prompts.len().max(1) as f64;
-    figures.push(Figure { name: "grpo/prompt length (mean)".into(), value: mean_prompt, unit: "tokens" });
-    let config = ModelConfig::preset("tiny")?.with_vocab_size(tokenizer.vocab_size());
+    figures.push(Figure { name: format!("{prefix}/prompt length (mean)"), value: mean_prompt, unit: "tokens" });
+    let config = ModelConfig::preset(preset)?.with_vocab_size(tokenizer.vocab_size());
     for (label, constraint) in [("free", RolloutConstraint::None), ("think-then-JSON", RolloutConstraint::ThinkThenJson)] {
         let dir = tempfile::tempdir()?;
         let run = GrpoRun {
@@ -47,7 +54,7 @@ pub fn grpo_suite(args: &BenchArgs, figures: &mut Vec<Figure>) -> Result<()> {
             extra_files: Vec::new(),
             resume: false,
         };
-        let model = CausalLm::<CpuTrainBackend>::random(&config, 0, &Default::default())?;
+        let model = CausalLm::<B>::random(&config, 0, device)?;
         let mut times = Times::default();
         // A length term keeps reward variance in every group, so every step trains (a random
         // model's completions otherwise tie and the update is skipped).
@@ -57,7 +64,7 @@ pub fn grpo_suite(args: &BenchArgs, figures: &mut Vec<Figure>) -> Result<()> {
         let mut rest = times.0[1..].to_vec();
         rest.sort_by(|a, b| a.total.total_cmp(&b.total));
         let t = rest[rest.len() / 2];
-        let shape = format!("grpo/tiny/{label} {prompts_per_step}x{g} prompts x G, {len} new tokens");
+        let shape = format!("{prefix}/{label} {prompts_per_step}x{g} prompts x G, {len} new tokens");
         let mut fig = |what: &str, value: f64, unit: &'static str| figures.push(Figure { name: format!("{shape}/{what}"), value, unit });
         fig("step", t.total, "s");
         fig("generation", t.generation, "s");

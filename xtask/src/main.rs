@@ -3,6 +3,7 @@
 
 mod backend;
 mod bench;
+mod bench_gpu;
 mod bench_grpo;
 mod cmd_decode;
 mod cmd_model;

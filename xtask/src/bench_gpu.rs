@@ -1,0 +1,222 @@
+//! `cargo xtask bench gpu`: the CUDA path at the qwen2.5-1.5b shape (random weights) in f32
+//! and bf16 — prefill, KV-cache decode against the HBM bound, constrained decode, an SFT step
+//! with its MFU, a GRPO step's time split, GPU memory — and CUDA correctness against the
+//! committed transformers fixtures and the CPU. `scripts/bench_torch_gpu.py` measures the
+//! same with torch in the same device call.
+
+use anyhow::{bail, Result};
+
+use crate::bench::{BenchArgs, Figure};
+
+pub fn gpu_suite(args: &BenchArgs, figures: &mut Vec<Figure>) -> Result<()> {
+    let index = match args.device {
+        Some(thinkjson_model::DeviceSpec::Cuda(i)) => i,
+        None => 0,
+        Some(other) => bail!("bench gpu runs on a CUDA device, not {other}"),
+    };
+    thinkjson_model::probe_cuda(index)?;
+    #[cfg(feature = "cuda")]
+    {
+        cuda::run(args, index, figures)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = figures;
+        bail!("bench gpu needs a binary built with --features cuda")
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use std::time::Instant;
+
+    use anyhow::Result;
+    use thinkjson_decode::{Constraint, GenerateConfig, Generator, Request, SamplingConfig};
+    use thinkjson_model::burn::backend::cuda::CudaDevice;
+    use thinkjson_model::burn::backend::Autodiff;
+    use thinkjson_model::burn::module::Module;
+    use thinkjson_model::burn::optim::GradientsParams;
+    use thinkjson_model::burn::tensor::backend::{AutodiffBackend, Backend};
+    use thinkjson_model::train::{AdamW, AdamWConfig};
+    use thinkjson_model::{CausalLm, CpuBackend, CudaBackend, CudaBf16Backend, ModelConfig, Padding, TokenBatch, Tokenizer};
+
+    use crate::bench::{BenchArgs, Figure};
+
+/// H100 SXM HBM3 bandwidth, bytes/s (the batch-1 decode bound: every weight read per token).
+const HBM_BYTES_PER_SEC: f64 = 3.35e12;
+/// H100 SXM dense bf16 tensor-core peak, FLOP/s (the MFU denominator).
+const PEAK_BF16_FLOPS: f64 = 989e12;
+
+/// GPU memory in use (MiB) as nvidia-smi reports it. burn's pool keeps what it allocated,
+/// so after a measurement this is close to the measurement's peak.
+fn gpu_memory_mib(index: usize) -> f64 {
+    std::process::Command::new("nvidia-smi")
+        .args(["--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", &index.to_string()])
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse::<f64>().ok())
+        .unwrap_or(f64::NAN)
+}
+
+
+    pub fn run(args: &BenchArgs, index: usize, figures: &mut Vec<Figure>) -> Result<()> {
+        let device = CudaDevice::new(index);
+        parity::<CudaBackend>("f32", &device, figures)?;
+        parity::<CudaBf16Backend>("bf16", &device, figures)?;
+        greedy_matches_cpu(&device, figures)?;
+        measure::<CudaBackend, Autodiff<CudaBackend>>(args, "f32", 4.0, &device, index, figures)?;
+        measure::<CudaBf16Backend, Autodiff<CudaBf16Backend>>(args, "bf16", 2.0, &device, index, figures)?;
+        Ok(())
+    }
+
+    fn sync<B: Backend>(t: thinkjson_model::burn::tensor::Tensor<B, 3>) -> Result<()> {
+        let [b, s, _] = t.dims();
+        // Reading one value waits for every queued kernel.
+        let _ = t.slice([b - 1..b, s - 1..s, 0..1]).into_data();
+        Ok(())
+    }
+
+    /// Max |logit − transformers| over the committed fixtures (f32 weights cast to `B`'s float).
+    fn parity<B: Backend>(label: &str, device: &B::Device, figures: &mut Vec<Figure>) -> Result<()> {
+        for name in ["qwen2-small", "llama-small"] {
+            let dir = std::path::Path::new("fixtures").join(name);
+            if !dir.exists() {
+                continue;
+            }
+            let model = CausalLm::<B>::from_pretrained(&dir, device)?;
+            let exp: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json"))?)?;
+            let seqs: Vec<Vec<u32>> = serde_json::from_value(exp["sequences"].clone())?;
+            let expected: Vec<Vec<Vec<f32>>> = serde_json::from_value(exp["logits"].clone())?;
+            let batch = TokenBatch::new(&seqs, Padding::Right, 0)?;
+            let logits: Vec<f32> = model.forward(&batch)?.into_data().convert::<f32>().to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            let vocab = model.config().vocab_size;
+            let mut worst = 0.0f32;
+            for (b, rows) in expected.iter().enumerate().take(seqs.len()) {
+                for (t, want) in rows.iter().enumerate().take(seqs[b].len()) {
+                    let start = (b * batch.seq + t) * vocab;
+                    for (x, y) in logits[start..start + vocab].iter().zip(want) {
+                        worst = worst.max((x - y).abs());
+                    }
+                }
+            }
+            figures.push(Figure { name: format!("gpu/parity/{name} {label} max |logit - transformers|"), value: f64::from(worst), unit: "" });
+        }
+        Ok(())
+    }
+
+    /// Greedy decoding of the fixture model on CPU and CUDA (f32): the share of equal tokens.
+    fn greedy_matches_cpu(device: &CudaDevice, figures: &mut Vec<Figure>) -> Result<()> {
+        let dir = std::path::Path::new("fixtures/qwen2-small");
+        let tok = Tokenizer::from_path(std::path::Path::new("assets/qwen"))?;
+        let prompts: Vec<Vec<u32>> = vec![vec![5, 17, 3, 42, 8], vec![11, 2, 90, 33]];
+        let config = GenerateConfig { max_new_tokens: 32, sampling: SamplingConfig::greedy(), ..GenerateConfig::default() };
+        let requests: Vec<Request> = prompts.into_iter().map(|p| Request::new(p, Constraint::None)).collect();
+        let cpu = CausalLm::<CpuBackend>::from_pretrained(dir, &Default::default())?;
+        let gpu = CausalLm::<CudaBackend>::from_pretrained(dir, device)?;
+        let (a, _) = Generator::for_model(&tok, &cpu)?.generate(&cpu, &requests, &config)?;
+        let (b, _) = Generator::for_model(&tok, &gpu)?.generate(&gpu, &requests, &config)?;
+        let (same, total) = a.iter().zip(&b).fold((0usize, 0usize), |(s, n), (x, y)| {
+            (s + x.tokens.iter().zip(&y.tokens).filter(|(p, q)| p == q).count(), n + x.tokens.len().max(y.tokens.len()))
+        });
+        figures.push(Figure { name: "gpu/parity/greedy tokens equal to CPU (f32, 2 x 32)".into(), value: 100.0 * same as f64 / total.max(1) as f64, unit: "%" });
+        Ok(())
+    }
+
+    fn median(mut xs: Vec<f64>) -> f64 {
+        xs.sort_by(f64::total_cmp);
+        xs[xs.len() / 2]
+    }
+
+    /// `B` for inference, `A` (its autodiff wrapper) for the training steps.
+    fn measure<B, A>(args: &BenchArgs, label: &str, bytes_per_param: f64, device: &CudaDevice, index: usize, figures: &mut Vec<Figure>) -> Result<()>
+    where
+        B: Backend<Device = CudaDevice>,
+        A: AutodiffBackend<Device = CudaDevice>,
+    {
+        let config = ModelConfig::preset("qwen2.5-1.5b")?;
+        let shape = format!("gpu/qwen2.5-1.5b/{label}");
+        let mut fig = |what: &str, value: f64, unit: &'static str| figures.push(Figure { name: format!("{shape}/{what}"), value, unit });
+        let model = CausalLm::<B>::random(&config, 0, device)?;
+        let params = model.num_params() as f64;
+        let reps = if args.quick { 2 } else { 4 };
+
+        for batch in [1usize, 16] {
+            let seqs: Vec<Vec<u32>> = (0..batch).map(|b| (0..512u32).map(|i| (i * 31 + b as u32) % 50_000 + 3).collect()).collect();
+            let tb = TokenBatch::new(&seqs, Padding::Right, 0)?;
+            sync(model.hidden_states(&tb)?)?; // warm-up (autotune, pools)
+            let times: Vec<f64> = (0..reps)
+                .map(|_| {
+                    let t = Instant::now();
+                    sync(model.hidden_states(&tb)?)?;
+                    Ok(t.elapsed().as_secs_f64())
+                })
+                .collect::<Result<_>>()?;
+            fig(&format!("prefill {batch}x512"), (batch * 512) as f64 / median(times), "tokens/s");
+        }
+        fig("GPU memory after prefill", gpu_memory_mib(index), "MiB");
+
+        let steps = if args.quick { 16 } else { 64 };
+        for batch in [1usize, 16, 64] {
+            crate::bench::decode_rate(&model, batch, 4)?; // warm-up
+            let rate = crate::bench::decode_rate(&model, batch, steps)?;
+            fig(&format!("decode batch {batch}"), rate, "tokens/s");
+            if batch == 1 {
+                let bound = HBM_BYTES_PER_SEC / (params * bytes_per_param);
+                fig("decode batch 1 HBM bound", bound, "tokens/s");
+                fig("decode batch 1 share of HBM bound", 100.0 * rate / bound, "%");
+            }
+        }
+        fig("GPU memory after decode", gpu_memory_mib(index), "MiB");
+
+        let tok = Tokenizer::from_path(std::path::Path::new("assets/qwen"))?;
+        let generator = Generator::for_model(&tok, &model)?;
+        let schema: serde_json::Value = serde_json::from_str(&std::fs::read_to_string("fixtures/schemas/domain_batch_record.json").unwrap_or_else(|_| "{\"type\":\"object\"}".into()))?;
+        let prompt = tok.encode("Extract the batch record as JSON.")?;
+        let new_tokens = if args.quick { 32 } else { 128 };
+        let mut step_secs = [0.0f64; 2];
+        for (i, constrained) in [false, true].into_iter().enumerate() {
+            let c = if constrained { Constraint::think_then_json(schema.clone(), new_tokens / 2) } else { Constraint::None };
+            let reqs = vec![Request::new(prompt.clone(), c); 16];
+            let cfg = GenerateConfig { max_new_tokens: new_tokens, sampling: SamplingConfig { temperature: 1.0, seed: 1, ..Default::default() }, ..Default::default() };
+            generator.generate(&model, &reqs, &GenerateConfig { max_new_tokens: 4, ..cfg.clone() })?;
+            let (_, st) = generator.generate(&model, &reqs, &cfg)?;
+            let what = if constrained { "think-then-JSON decode batch 16" } else { "sampled decode batch 16 (generator)" };
+            fig(what, st.generated_tokens as f64 / st.total_secs, "tokens/s");
+            step_secs[i] = st.total_secs / st.steps.max(1) as f64;
+        }
+        fig("constrained step-time overhead, batch 16", 100.0 * (step_secs[1] / step_secs[0] - 1.0), "%");
+        drop(generator);
+        drop(model);
+
+        // One SFT step: loss on the second half of each sequence, backward, clip, AdamW.
+        let (batch, seq) = if args.quick { (1, 256) } else { (4, 512) };
+        let mut train = CausalLm::<A>::random(&config, 0, device)?;
+        let examples: Vec<thinkjson_sft::SftExample> = (0..batch)
+            .map(|b| {
+                let ids: Vec<u32> = (0..=seq as u32).map(|i| (i * 31 + b as u32 * 7) % 50_000 + 3).collect();
+                thinkjson_sft::SftExample { id: String::new(), prompt: ids[..seq / 2].to_vec(), completion: ids[seq / 2..].to_vec() }
+            })
+            .collect();
+        let rows: Vec<Vec<usize>> = (0..batch).map(|b| vec![b]).collect();
+        let mb = thinkjson_sft::MicroBatch::build(&examples, &rows, 0, false)?;
+        let mut opt = AdamW::<A>::new(AdamWConfig::default());
+        let mut times = Vec::new();
+        for _ in 0..reps {
+            let t = Instant::now();
+            let loss = thinkjson_sft::completion_loss(&train, &mb, mb.targets.len(), 2048)?;
+            let grads = GradientsParams::from_grads(loss.backward(), &train);
+            train = opt.step(1e-5, train, grads)?.0;
+            times.push(t.elapsed().as_secs_f64());
+        }
+        let t = median(times[1..].to_vec());
+        let tokens = (batch * seq) as f64;
+        fig(&format!("sft step {batch}x{seq}"), tokens / t, "tokens/s");
+        fig(&format!("sft step {batch}x{seq} MFU (6·params·tokens / time / 989 TFLOP/s)"), 100.0 * 6.0 * params * tokens / t / PEAK_BF16_FLOPS, "%");
+        fig("GPU memory after SFT steps", gpu_memory_mib(index), "MiB");
+        drop(train);
+        drop(opt);
+        crate::bench_grpo::grpo_step::<A>(args.quick, &format!("{shape}/grpo"), "qwen2.5-1.5b", device, figures)?;
+        figures.push(Figure { name: format!("{shape}/GPU memory after the GRPO step"), value: gpu_memory_mib(index), unit: "MiB" });
+        Ok(())
+    }
+}

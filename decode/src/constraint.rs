@@ -25,15 +25,20 @@ pub enum JsonStyle {
 }
 
 impl JsonStyle {
+    /// llguidance's options. `\u` escapes are left out: `\ud800` alone matches the JSON
+    /// grammar but is no Unicode text, and `serde_json` rejects it. Every character can still
+    /// be written as itself.
     fn options(self) -> Value {
-        match self {
+        let mut options = match self {
             JsonStyle::Compact => json!({"whitespace_flexible": false, "item_separator": ",", "key_separator": ":"}),
             JsonStyle::Spaced => json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "}),
             JsonStyle::Flexible { max_whitespace } => json!({
                 "whitespace_flexible": true,
                 "whitespace_pattern": format!("[\\x20\\x0A\\x0D\\x09]{{0,{max_whitespace}}}"),
             }),
-        }
+        };
+        options["json_allowed_escapes"] = Value::from("nrbtf\"\\");
+        options
     }
 }
 
@@ -104,7 +109,8 @@ impl CompiledConstraint {
     }
 }
 
-/// Checks the schema and attaches the layout options llguidance reads from `x-guidance`.
+/// Checks the schema, bounds open numbers, and attaches the layout options llguidance reads
+/// from `x-guidance`.
 fn prepare_schema(schema: &Value, style: JsonStyle) -> Result<Value> {
     check_schema(schema)?;
     let mut schema = match schema {
@@ -117,6 +123,7 @@ fn prepare_schema(schema: &Value, style: JsonStyle) -> Result<Value> {
         }
         other => other.clone(),
     };
+    bound_numbers(&mut schema);
     let Some(map) = schema.as_object_mut() else {
         return Err(DecodeError::InvalidSchema { pointer: "/".into(), message: "not an object".into() });
     };
@@ -152,5 +159,63 @@ fn think_then_json_lark(env: &ConstraintEnv, schema: &Value, max_think_tokens: u
              think[stop=\"</think>\", max_tokens={budget}]: /(.|\\n)*/\n\
              answer[capture]: %json {json}\n"
         ),
+    }
+}
+
+/// The largest integer every JSON parser reads exactly (2^53 − 1).
+pub(crate) const JSON_SAFE_INTEGER: i64 = 9_007_199_254_740_991;
+
+/// Gives every `number` / `integer` without a bound on a side the bound ±(2^53 − 1), so a
+/// model cannot write hundreds of digits that the grammar accepts but no f64 parser reads
+/// (`serde_json` rejects them as out of range). Stricter than the schema, never looser:
+/// every output still validates.
+fn bound_numbers(schema: &mut Value) {
+    match schema {
+        Value::Object(map) => {
+            let numeric = match map.get("type") {
+                Some(Value::String(t)) => t == "number" || t == "integer",
+                Some(Value::Array(ts)) => ts.iter().any(|t| t == "number" || t == "integer"),
+                _ => false,
+            };
+            if numeric {
+                if !map.contains_key("minimum") && !map.contains_key("exclusiveMinimum") {
+                    map.insert("minimum".into(), Value::from(-JSON_SAFE_INTEGER));
+                }
+                if !map.contains_key("maximum") && !map.contains_key("exclusiveMaximum") {
+                    map.insert("maximum".into(), Value::from(JSON_SAFE_INTEGER));
+                }
+            }
+            for (key, child) in map.iter_mut() {
+                // Values, not schemas.
+                if !matches!(key.as_str(), "enum" | "const" | "default" | "examples" | "x-guidance") {
+                    bound_numbers(child);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(bound_numbers),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_numbers_get_safe_bounds_and_values_are_left_alone() {
+        let mut s = json!({
+            "type": "object",
+            "properties": {
+                "n": {"type": ["number", "null"]},
+                "k": {"type": "integer", "minimum": 0},
+                "type": {"type": "string", "const": {"type": "number"}}
+            }
+        });
+        bound_numbers(&mut s);
+        assert_eq!(s["properties"]["n"]["minimum"], json!(-JSON_SAFE_INTEGER));
+        assert_eq!(s["properties"]["n"]["maximum"], json!(JSON_SAFE_INTEGER));
+        assert_eq!(s["properties"]["k"]["minimum"], json!(0));
+        assert_eq!(s["properties"]["k"]["maximum"], json!(JSON_SAFE_INTEGER));
+        assert_eq!(s["properties"]["type"]["const"], json!({"type": "number"}));
     }
 }

@@ -14,6 +14,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use thinkjson_model::{CausalLm, KvCache, Padding, TokenBatch, Tokenizer};
 
+use crate::closing::{closing_cost, ClosingRanks, ClosingWatch};
 use crate::constraint::{CompiledConstraint, Constraint};
 use crate::env::ConstraintEnv;
 use crate::error::{DecodeError, Result};
@@ -30,11 +31,15 @@ pub struct GenerateConfig {
     pub stop: Vec<String>,
     /// `false` recomputes the whole sequence every step (a reference for the cache).
     pub use_cache: bool,
+    /// Constrained sequences finish their grammar inside `max_new_tokens`: near the end of
+    /// the budget the generator stops sampling and closes the grammar by the shortest path it
+    /// finds; [`Completion::closed`] marks such sequences.
+    pub close_within_budget: bool,
 }
 
 impl Default for GenerateConfig {
     fn default() -> Self {
-        Self { max_new_tokens: 256, sampling: SamplingConfig::default(), stop: Vec::new(), use_cache: true }
+        Self { max_new_tokens: 256, sampling: SamplingConfig::default(), stop: Vec::new(), use_cache: true, close_within_budget: true }
     }
 }
 
@@ -83,6 +88,9 @@ pub struct Completion {
     pub logprobs: Vec<f32>,
     pub finish: FinishReason,
     pub error: Option<String>,
+    /// The budget ran short and the closing policy, not the model, chose the last tokens.
+    #[serde(default)]
+    pub closed: bool,
 }
 
 /// Where the time of a call went.
@@ -108,6 +116,7 @@ pub struct Generator {
     eos: Vec<u32>,
     pad: u32,
     vocab: usize,
+    ranks: ClosingRanks,
 }
 
 impl std::fmt::Debug for Generator {
@@ -141,6 +150,7 @@ struct Seq {
     stop_at: Option<usize>,
     mask_micros: Vec<f64>,
     forced: usize,
+    watch: ClosingWatch,
 }
 
 impl Generator {
@@ -161,7 +171,8 @@ impl Generator {
         tok = Tokenizer::from_inner(tok.inner().clone(), special);
         let env = ConstraintEnv::new(&tok, n_vocab)?;
         let pad = tokenizer.special().pad_id.unwrap_or(eos[0]);
-        Ok(Self { env, vocab: tokenizer.vocab_size().min(n_vocab), tokenizer: tok, eos, pad })
+        let ranks = ClosingRanks::new(env.trie(), &eos);
+        Ok(Self { env, vocab: tokenizer.vocab_size().min(n_vocab), tokenizer: tok, eos, pad, ranks })
     }
 
     /// For a model: its vocabulary size and end-of-sequence ids.
@@ -181,6 +192,18 @@ impl Generator {
     /// Compiles a constraint now (errors name the schema keyword and pointer).
     pub fn compile(&self, constraint: &Constraint) -> Result<Option<CompiledConstraint>> {
         constraint.compile(&self.env)
+    }
+
+    /// The fewest tokens a whole output of `constraint` takes when the closing policy writes
+    /// it (forced tokens and the end-of-sequence token included); `None` when more than
+    /// `limit`, or for [`Constraint::None`]. No smaller budget can end in a complete
+    /// output; with [`crate::CLOSING_MARGIN`] more, an output ends complete unless one sampled
+    /// token raises the cost by more than the margin between two measurements.
+    pub fn closing_cost(&self, constraint: &Constraint, limit: usize) -> Result<Option<usize>> {
+        Ok(match constraint.compile(&self.env)? {
+            Some(cc) => closing_cost(&cc.matcher(), &self.ranks, limit),
+            None => None,
+        })
     }
 
     /// Generates one completion per request. Every constraint is compiled before the
@@ -224,6 +247,7 @@ impl Generator {
                 stop_at: None,
                 mask_micros: Vec::new(),
                 forced: 0,
+                watch: ClosingWatch::default(),
             });
         }
 
@@ -276,6 +300,7 @@ impl Generator {
                 logprobs: seq.logprobs,
                 finish: seq.finish.unwrap_or(FinishReason::Length),
                 error: seq.error,
+                closed: seq.watch.closing,
             });
         }
         stats.total_secs = start.elapsed().as_secs_f64();
@@ -381,9 +406,17 @@ impl Generator {
             }
             None => None,
         };
-        let sampled = match &allowed {
-            Some(ids) => sample(row, Some(ids), &config.sampling, &mut seq.rng),
-            None => sample(&row[..self.vocab.min(row.len())], None, &config.sampling, &mut seq.rng),
+        let remaining = config.max_new_tokens.saturating_sub(seq.tokens.len());
+        let sampled = match (&allowed, seq.matcher.as_ref()) {
+            (Some(ids), Some(m)) if config.close_within_budget && seq.watch.must_close(m, &self.ranks, remaining) => {
+                let token = self.ranks.pick(ids, &seq.watch.uses);
+                if let Some(t) = token {
+                    seq.watch.uses.add(t);
+                }
+                token
+            }
+            (Some(ids), _) => sample(row, Some(ids), &config.sampling, &mut seq.rng),
+            (None, _) => sample(&row[..self.vocab.min(row.len())], None, &config.sampling, &mut seq.rng),
         };
         let Some(token) = sampled else {
             return fail(seq, "the constraint allows no token here".into());

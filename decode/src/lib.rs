@@ -18,7 +18,11 @@
 //!    the tokens the grammar forces without sampling them;
 //! 4. feed the new tokens of every live sequence in one forward pass; forced tokens get
 //!    their log-probs from that same pass;
-//! 5. stop each sequence on an end-of-sequence token, a stop string, the length limit or
+//! 5. near the end of the budget, measure on a copy of each constrained sequence's matcher
+//!    how many tokens its grammar still needs; once that reaches the tokens left, stop
+//!    sampling and close the grammar (`GenerateConfig::close_within_budget`), so that
+//!    constrained output is complete, not cut at the length limit;
+//! 6. stop each sequence on an end-of-sequence token, a stop string, the length limit or
 //!    the end of its grammar.
 //!
 //! ```no_run
@@ -36,6 +40,7 @@
 //! # Ok(()) }
 //! ```
 
+mod closing;
 mod constraint;
 mod env;
 mod error;
@@ -44,6 +49,7 @@ mod prompt;
 mod sampling;
 mod schema_check;
 
+pub use closing::MARGIN as CLOSING_MARGIN;
 pub use constraint::{CompiledConstraint, Constraint, JsonStyle};
 pub use env::ConstraintEnv;
 pub use error::{DecodeError, Result};

@@ -15,7 +15,7 @@
 //! let s = Sample { id: "1".into(), kind: "k".into(), style: "s".into(),
 //!     schema: serde_json::json!({"type": "object"}), object: serde_json::json!({"a": 1}) };
 //! let p = Prediction { id: "1".into(), completion: "<think>t</think><answer>{\"a\": 1}</answer>".into(),
-//!     latency_ms: None, tokens: None };
+//!     latency_ms: None, tokens: None, closed: None };
 //! let run = evaluate("demo", &[s], &[p], vec![], &ValidatorCache::new());
 //! assert_eq!(run.overall.mean_match, 1.0);
 //! ```

@@ -28,6 +28,9 @@ pub struct Prediction {
     pub latency_ms: Option<f64>,
     #[serde(default)]
     pub tokens: Option<f64>,
+    /// Constrained decoding ran short of tokens and closed the JSON itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub closed: Option<bool>,
 }
 
 /// A JSONL line that was reported and skipped.

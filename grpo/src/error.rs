@@ -9,8 +9,6 @@ pub enum GrpoError {
     Model(#[from] ModelError),
     #[error(transparent)]
     Decode(#[from] DecodeError),
-    #[error(transparent)]
-    Sft(#[from] thinkjson_sft::SftError),
     #[error("config: field `{field}`: {reason}")]
     Config { field: &'static str, reason: String },
     #[error("data: {0}")]

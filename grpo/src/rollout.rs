@@ -89,8 +89,8 @@ pub fn sample_and_score<B: Backend>(
             min_p: 0.0,
             seed: config.seed,
         },
-        stop: Vec::new(),
-        use_cache: true,
+        // Constrained rollouts close their JSON inside the budget, so none is scored truncated.
+        ..GenerateConfig::default()
     };
     let (completions, _) = generator.generate(model, &requests, &gen_config)?;
     let generation_secs = started.elapsed().as_secs_f64();

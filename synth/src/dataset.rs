@@ -10,7 +10,8 @@ use crate::domain::DocKind;
 use crate::error::SynthError;
 use crate::render::{facts, render, Span, Style};
 use crate::schema_ops::{self, leaf_catalogue, normalize, random_schema, vary, Variation};
-use crate::{object, reasoning};
+use crate::reasoning::{self, ReasoningStyle};
+use crate::object;
 
 /// One (text, schema, object, reasoning) example; serialised as a JSONL line.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -78,6 +79,8 @@ pub struct SynthConfig {
     pub variation: Variation,
     /// Deepest nesting of random schemas.
     pub max_random_depth: usize,
+    /// How long the `<think>` traces are.
+    pub reasoning: ReasoningStyle,
 }
 
 impl Default for SynthConfig {
@@ -92,6 +95,7 @@ impl Default for SynthConfig {
             styles: Style::ALL.to_vec(),
             variation: Variation::default(),
             max_random_depth: 5,
+            reasoning: ReasoningStyle::Full,
         }
     }
 }
@@ -132,6 +136,9 @@ impl Generator {
     /// Candidate row `index` (before split filtering); depends only on (seed, index).
     pub fn candidate(&self, index: u64) -> Result<Row, SynthError> {
         let c = &self.config;
+        if !(0.0..=1.0).contains(&c.random_schema_share) {
+            return Err(SynthError::Invalid(format!("random_schema_share must be within [0, 1], got {}", c.random_schema_share)));
+        }
         let mut rng = ChaCha8Rng::seed_from_u64(c.seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let (kind_name, title, schema) = if rng.random_bool(c.random_schema_share) {
             let depth = rng.random_range(1..=c.max_random_depth.max(1));
@@ -153,7 +160,7 @@ impl Generator {
         }
         let facts = facts(&schema, &object, &mut rng);
         let rendered = render(&title, &facts, style, &mut rng);
-        let reasoning = reasoning::trace(&title, &facts, &rendered.distractors);
+        let reasoning = reasoning::reason(c.reasoning, &title, &facts, &rendered.distractors);
         let template = format!("{kind_name}/{}", style.name());
         let split = split_of(&schema, &template, c.split_shares);
         Ok(Row {

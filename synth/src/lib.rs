@@ -40,5 +40,6 @@ pub mod values;
 
 pub use dataset::{generate, split_of, stable_hash, Generator, Row, Split, SynthConfig};
 pub use domain::DocKind;
+pub use reasoning::ReasoningStyle;
 pub use error::SynthError;
 pub use render::{Span, Style};

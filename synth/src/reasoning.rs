@@ -6,12 +6,44 @@ use serde_json::Value;
 use crate::render::Fact;
 use crate::values::Semantic;
 
-/// A step-by-step trace over every schema property of the record.
-pub fn trace(title: &str, facts: &[Fact], distractors: &[String]) -> String {
+/// How much the `<think>` block says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReasoningStyle {
+    /// Field by field: where each value is in the text and how it was normalised (the
+    /// paper's long traces).
+    #[default]
+    Full,
+    /// One sentence: the kind of record and how many fields the text gives. For small
+    /// models trained from scratch, whose budget is better spent on the JSON itself.
+    Brief,
+}
+
+/// The trace in the given style.
+pub fn reason(style: ReasoningStyle, title: &str, facts: &[Fact], distractors: &[String]) -> String {
+    match style {
+        ReasoningStyle::Full => trace(title, facts, distractors),
+        ReasoningStyle::Brief => brief(title, facts),
+    }
+}
+
+/// `The text is a training record; the schema asks for 7 field(s) and the text gives 6.`
+pub fn brief(title: &str, facts: &[Fact]) -> String {
+    let given = facts.iter().filter(|f| f.value.is_some()).count();
+    format!("The text is {}; the schema asks for {} field(s) and the text gives {given}.", with_article(title), facts.len())
+}
+
+fn with_article(title: &str) -> String {
     let kind = title.to_lowercase();
     let article = if kind.starts_with(['a', 'e', 'i', 'o', 'u']) { "an" } else { "a" };
+    format!("{article} {kind}")
+}
+
+/// A step-by-step trace over every schema property of the record.
+pub fn trace(title: &str, facts: &[Fact], distractors: &[String]) -> String {
     let mut out = format!(
-        "The text is {article} {kind} and the schema asks for {} field(s). I go through them in schema order.\n",
+        "The text is {} and the schema asks for {} field(s). I go through them in schema order.\n",
+        with_article(title),
         facts.len()
     );
     let mut ctx: Vec<String> = Vec::new();

@@ -268,3 +268,21 @@ fn compacting_the_kv_cache_keeps_the_logits() {
     let diff = common::max_abs_diff(&a, &b);
     assert!(diff < 1e-5, "compaction changed logits by {diff}");
 }
+
+/// `"\ud800"` matches JSON's string grammar but is no Unicode text (`serde_json` rejects it):
+/// the constraint allows no `\u` escape, while every character can still be written as is.
+#[test]
+fn constrained_strings_never_hold_a_lone_surrogate_escape() {
+    let tok = qwen();
+    let generator = Generator::new(&tok, tok.vocab_size(), &[]).expect("generator");
+    let schema = json!({"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]});
+    let compiled = generator.compile(&Constraint::json_schema(schema)).expect("compile").expect("constraint");
+    let accepts = |text: &str| {
+        let mut m = compiled.matcher();
+        let ids = tok.encode(text).expect("encode");
+        m.validate_tokens(&ids).expect("validate") == ids.len()
+    };
+    assert!(accepts("{\"a\":\"é \\\"q\\\"\\n\"}"));
+    assert!(serde_json::from_str::<Value>("{\"a\":\"\\ud800\"}").is_err());
+    assert!(!accepts("{\"a\":\"\\ud800\"}"));
+}

@@ -7,7 +7,7 @@ mod common;
 use std::path::PathBuf;
 
 use serde_json::Value;
-use thinkjson_decode::{Completion, Constraint, FinishReason, GenerateConfig, Generator, Request, SamplingConfig};
+use thinkjson_decode::{Completion, Constraint, CLOSING_MARGIN, FinishReason, GenerateConfig, Generator, Request, SamplingConfig};
 use thinkjson_model::{CausalLm, CpuBackend, ModelConfig, Tokenizer};
 
 const BUDGET: usize = 200;
@@ -182,4 +182,58 @@ fn constrained_json_always_validates_and_unconstrained_does_not() {
     let t = tally(&schemas, &free, false);
     eprintln!("unconstrained: {} valid of {}", t.valid, schemas.len());
     assert!(t.valid * 10 <= schemas.len(), "unconstrained valid {} of {}", t.valid, schemas.len());
+}
+
+/// With the schemas as committed (free strings, open arrays and extra properties) and a
+/// budget a random model overruns, closing inside the budget finishes every sequence whose
+/// schema fits the budget at all, with valid JSON; without it most are cut at the limit.
+#[test]
+fn closing_within_budget_finishes_every_schema_that_fits() {
+    let (tokenizer, model, generator) = setup();
+    let schemas = schema_set();
+    let prompts = prompts(&tokenizer, &schemas);
+    let budget = 200;
+    let constraints: Vec<Constraint> = schemas.iter().map(|(_, s)| Constraint::json_schema(s.clone())).collect();
+    let fits: Vec<bool> = constraints
+        .iter()
+        .map(|c| generator.closing_cost(c, budget).expect("compiles").is_some_and(|n| n + CLOSING_MARGIN <= budget))
+        .collect();
+    let requests: Vec<Request> = prompts.iter().cloned().zip(constraints).map(|(p, c)| Request::new(p, c)).collect();
+    let sampling = SamplingConfig { temperature: 1.0, seed: 17, ..Default::default() };
+    let closing = GenerateConfig { max_new_tokens: budget, sampling, ..Default::default() };
+    let (outs, _) = generator.generate(&model, &requests, &closing).expect("generate");
+    let t = tally(&schemas, &outs, false);
+    let closed = outs.iter().filter(|c| c.closed).count();
+    let fitting = fits.iter().filter(|f| **f).count();
+    eprintln!("closing: {} valid, {} length-limited, {closed} closed by the policy; {fitting} of {} fit {budget} tokens", t.valid, t.length_limited, schemas.len());
+    assert!(t.failures.is_empty(), "finished but invalid:\n{}", t.failures.join("\n"));
+    let cut: Vec<&String> = outs.iter().zip(&schemas).zip(&fits).filter(|((c, _), fit)| **fit && c.finish == FinishReason::Length).map(|((_, s), _)| &s.0).collect();
+    assert!(cut.is_empty(), "cut at the limit although they fit: {cut:?}");
+    assert!(fitting * 10 >= schemas.len() * 9, "only {fitting} of {} schemas fit {budget} tokens", schemas.len());
+    assert!(closed * 2 >= fitting, "the budget rarely ran short ({closed} closed): the test shows little");
+    assert!(outs.iter().all(|c| c.tokens.len() <= budget));
+
+    // A reasoning budget larger than the whole budget: closing ends the reasoning first, so
+    // the wrapper adds only its few marker tokens to the JSON's own cost.
+    let think: Vec<Request> =
+        prompts.iter().zip(&schemas).take(12).map(|(p, (_, s))| Request::new(p.clone(), Constraint::think_then_json(s.clone(), 4 * budget))).collect();
+    let mut think_fits = Vec::new();
+    for (r, (name, schema)) in think.iter().zip(&schemas) {
+        let json = generator.closing_cost(&Constraint::json_schema(schema.clone()), 1000).expect("compiles").expect("closes");
+        let wrapped = generator.closing_cost(&r.constraint, 1000).expect("compiles").expect("closes");
+        assert!(wrapped <= json + 12, "{name}: {wrapped} tokens to close think-then-JSON, {json} for the JSON alone");
+        think_fits.push(wrapped + CLOSING_MARGIN <= budget);
+    }
+    let (outs, _) = generator.generate(&model, &think, &closing).expect("generate");
+    let t = tally(&schemas[..think.len()], &outs, true);
+    assert!(t.failures.is_empty(), "think-then-JSON, finished but invalid: {:?}", t.failures);
+    for ((c, fit), (name, _)) in outs.iter().zip(&think_fits).zip(&schemas) {
+        assert!(!fit || c.finish != FinishReason::Length, "{name}: think-then-JSON cut at the limit although it fits");
+    }
+
+    let open = GenerateConfig { close_within_budget: false, ..closing };
+    let (outs, _) = generator.generate(&model, &requests, &open).expect("generate");
+    let t = tally(&schemas, &outs, false);
+    eprintln!("without closing: {} valid, {} length-limited of {}", t.valid, t.length_limited, schemas.len());
+    assert!(t.length_limited * 2 >= closed, "{} cut without closing, {closed} closed with it", t.length_limited);
 }

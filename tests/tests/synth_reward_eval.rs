@@ -27,7 +27,7 @@ fn reference_completions_score_perfectly() {
         .collect();
     let good: Vec<Prediction> = rows
         .iter()
-        .map(|r| Prediction { id: r.id.clone(), completion: prompt::completion(&r.reasoning, &r.object), latency_ms: None, tokens: None })
+        .map(|r| Prediction { id: r.id.clone(), completion: prompt::completion(&r.reasoning, &r.object), latency_ms: None, tokens: None, closed: None })
         .collect();
     let run = evaluate("reference", &samples, &good, vec![], &cache);
     let o = &run.overall;
@@ -36,7 +36,7 @@ fn reference_completions_score_perfectly() {
     // The answer without its think block and with chatter around it scores lower.
     let sloppy: Vec<Prediction> = rows
         .iter()
-        .map(|r| Prediction { id: r.id.clone(), completion: format!("Sure! {}", r.object), latency_ms: None, tokens: None })
+        .map(|r| Prediction { id: r.id.clone(), completion: format!("Sure! {}", r.object), latency_ms: None, tokens: None, closed: None })
         .collect();
     let run = evaluate("sloppy", &samples, &sloppy, vec![], &cache);
     assert_eq!(run.overall.format_valid, 0.0);

@@ -1,5 +1,5 @@
 //! `cargo xtask pipeline` end to end on a reduced configuration: every stage runs, a rerun
-//! with --resume redoes nothing, a config change reruns only what it affects, a kill
+//! with --resume redoes nothing (nor does one in a copied run directory), a config change reruns only what it affects, a kill
 //! mid-SFT resumes from the checkpoint, and bad configs fail before any work.
 
 use std::path::{Path, PathBuf};
@@ -67,6 +67,19 @@ fn manifest(out: &Path, stage: &str) -> serde_json::Value {
     serde_json::from_str(&text).expect("manifest JSON")
 }
 
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read_dir") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("type").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy");
+        }
+    }
+}
+
 #[test]
 fn every_stage_runs_and_resume_redoes_only_what_changed() {
     let dir = tempfile::tempdir().expect("tmp");
@@ -91,6 +104,15 @@ fn every_stage_runs_and_resume_redoes_only_what_changed() {
     let again = run(&["pipeline", "--config", cfg.to_str().expect("utf-8"), "--resume"]);
     assert!(again.status.success(), "{}", stderr(&again));
     assert!(!stderr(&again).contains("== "), "a finished stage ran again:\n{}", stderr(&again));
+
+    // A copy of the run directory, with its config pointing at the copy, resumes as is.
+    let moved = dir.path().join("moved");
+    copy_dir(&out, &moved);
+    let moved_cfg = dir.path().join("moved.toml");
+    std::fs::write(&moved_cfg, reduced_config(&moved, 3, 2)).expect("config");
+    let copied = run(&["pipeline", "--config", moved_cfg.to_str().expect("utf-8"), "--resume"]);
+    assert!(copied.status.success(), "{}", stderr(&copied));
+    assert!(!stderr(&copied).contains("== "), "a copied run redid a stage:\n{}", stderr(&copied));
 
     // A GRPO change reruns GRPO and eval only.
     std::fs::write(&cfg, reduced_config(&out, 3, 3)).expect("config");

@@ -55,6 +55,8 @@ pub fn run(file: &PipelineFile, systems: &[System], curves: &[(&str, PathBuf)], 
         .collect();
     let cache = ValidatorCache::new();
     let mut runs = Vec::new();
+    // Constrained outputs that ran short of tokens and were closed by the decoder.
+    let mut closed = Vec::new();
     for system in systems {
         let path = pred_dir.join(format!("{}.jsonl", system.name.replace(' ', "-")));
         if !(reuse && path.exists()) {
@@ -65,6 +67,7 @@ pub fn run(file: &PipelineFile, systems: &[System], curves: &[(&str, PathBuf)], 
         }
         let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
         let (preds, skipped) = parse_jsonl::<Prediction>(&text);
+        closed.push(preds.iter().filter(|p| p.closed == Some(true)).count());
         runs.push(evaluate(&system.name, &samples, &preds, skipped, &cache));
     }
     let curves: Vec<Curves> = curves
@@ -76,9 +79,10 @@ pub fn run(file: &PipelineFile, systems: &[System], curves: &[(&str, PathBuf)], 
     let table: Vec<Value> = report
         .runs
         .iter()
-        .map(|r| {
+        .zip(&closed)
+        .map(|(r, closed)| {
             let o = &r.overall;
-            json!({"system": r.name, "rows": o.rows, "valid_json": o.valid_json, "schema_valid": o.schema_valid, "format_valid": o.format_valid, "mean_match": o.mean_match, "mean_tokens": o.mean_tokens})
+            json!({"system": r.name, "rows": o.rows, "valid_json": o.valid_json, "schema_valid": o.schema_valid, "format_valid": o.format_valid, "mean_match": o.mean_match, "mean_tokens": o.mean_tokens, "closed_by_decoder": closed})
         })
         .collect();
     Ok(json!({"report": report_dir(&file.out).join("report.md"), "systems": table}))
@@ -113,7 +117,13 @@ impl OnBackend for Predict {
             let (completions, _) = generator.generate(&model, &requests, &config)?;
             let ms = 1000.0 * started.elapsed().as_secs_f64() / chunk.len() as f64;
             for (row, c) in chunk.iter().zip(completions) {
-                out.push(Prediction { id: row.id.clone(), completion: c.text, latency_ms: Some(ms), tokens: Some(c.tokens.len() as f64) });
+                out.push(Prediction {
+                    id: row.id.clone(),
+                    completion: c.text,
+                    latency_ms: Some(ms),
+                    tokens: Some(c.tokens.len() as f64),
+                    closed: self.constrained.then_some(c.closed),
+                });
             }
         }
         Ok(out)

@@ -74,6 +74,14 @@ pub fn hash_input(path: &Path) -> Result<String> {
     }
 }
 
-pub fn hash_inputs(paths: &[PathBuf]) -> Result<BTreeMap<String, String>> {
-    paths.iter().map(|p| Ok((p.display().to_string(), hash_input(p)?))).collect()
+/// Hashes keyed by path, relative to the run directory `out` for files inside it, so a run
+/// directory that is moved or copied still resumes.
+pub fn hash_inputs(out: &Path, paths: &[PathBuf]) -> Result<BTreeMap<String, String>> {
+    paths
+        .iter()
+        .map(|p| {
+            let name = p.strip_prefix(out).unwrap_or(p);
+            Ok((name.display().to_string(), hash_input(p)?))
+        })
+        .collect()
 }

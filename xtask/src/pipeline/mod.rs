@@ -80,11 +80,9 @@ pub fn pipeline(args: PipelineArgs) -> Result<()> {
         bar.set_position(i as u64);
         bar.set_message(stage.to_string());
         let key = &keys[i];
-        let inputs = manifest::hash_inputs(&inputs_of(&file, stage)).unwrap_or_default();
+        let inputs = manifest::hash_inputs(&file.out, &inputs_of(&file, stage)).unwrap_or_default();
         let previous = manifest::read(&file.out, stage);
-        let done = previous.as_ref().is_some_and(|m| m.finished && &m.key == key && m.inputs == inputs);
-        if done {
-            let m = previous.unwrap_or_else(|| unreachable!("checked above"));
+        if let Some(m) = previous.as_ref().filter(|m| m.finished && &m.key == key && m.inputs == inputs).cloned() {
             tracing::info!(stage, "finished earlier with the same config and inputs: skipped");
             outcomes.push(Outcome { stage, status: "done earlier", secs: m.secs, summary: m.summary });
             continue;
@@ -121,9 +119,29 @@ pub fn pipeline(args: PipelineArgs) -> Result<()> {
     Ok(())
 }
 
+/// Reads a config as changes to the embedded defaults: a `[sft]` table that sets only
+/// `epochs` keeps the embedded learning rate, not `SftConfig`'s.
 fn read_config(path: &Path) -> Result<PipelineFile> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.to_string().trim()))
+    let named = |e: toml::de::Error| anyhow::anyhow!("{}: {}", path.display(), e.to_string().trim());
+    // Parsed on its own first, so unknown fields and wrong types are reported with their line.
+    toml::from_str::<PipelineFile>(&text).map_err(named)?;
+    let given: toml::Table = toml::from_str(&text).map_err(named)?;
+    let mut merged = toml::Table::try_from(PipelineFile::default()).context("the embedded defaults")?;
+    overlay(&mut merged, given);
+    toml::Value::Table(merged).try_into().map_err(named)
+}
+
+/// Writes `given` over `base`, table by table.
+fn overlay(base: &mut toml::Table, given: toml::Table) {
+    for (key, value) in given {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(g)) => overlay(b, g),
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
 }
 
 /// Everything that can be checked before any work: stage names, hyper-parameters, the
@@ -263,16 +281,20 @@ fn print_summary(file: &PipelineFile, outcomes: &[Outcome], secs: f64) {
     }
     if let Some(eval) = outcomes.iter().find(|o| o.stage == "eval") {
         if let Some(systems) = eval.summary.get("systems").and_then(Value::as_array) {
-            eprintln!("\n| system | valid JSON | schema-valid | format-valid | mean match |\n|---|---|---|---|---|");
+            eprintln!("\n| system | valid JSON | schema-valid | format-valid | mean match | closed by the decoder |\n|---|---|---|---|---|---|");
             for s in systems {
                 let pct = |k: &str| s.get(k).and_then(Value::as_f64).map_or("-".into(), |x| format!("{:.1} %", 100.0 * x));
+                let closed = s.get("closed_by_decoder").and_then(Value::as_u64).unwrap_or(0);
+                let rows = s.get("rows").and_then(Value::as_u64).unwrap_or(0);
+                let is_constrained = s.get("system").and_then(Value::as_str).is_some_and(|n| n.ends_with("constrained"));
                 eprintln!(
-                    "| {} | {} | {} | {} | {} |",
+                    "| {} | {} | {} | {} | {} | {} |",
                     s.get("system").and_then(Value::as_str).unwrap_or("?"),
                     pct("valid_json"),
                     pct("schema_valid"),
                     pct("format_valid"),
-                    pct("mean_match")
+                    pct("mean_match"),
+                    if is_constrained { format!("{closed} of {rows}") } else { "-".into() }
                 );
             }
         }

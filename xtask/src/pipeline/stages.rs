@@ -29,7 +29,15 @@ pub fn synth(file: &PipelineFile) -> Result<Value> {
         .collect::<Result<Vec<_>>>()?;
     let mut counts = serde_json::Map::new();
     for (split, rows) in [(Split::Grpo, s.grpo_rows), (Split::Sft, s.sft_rows), (Split::Eval, s.eval_rows)] {
-        let config = SynthConfig { rows, seed: s.seed, kinds: kinds.clone(), split: Some(split), ..SynthConfig::default() };
+        let config = SynthConfig {
+            rows,
+            seed: s.seed,
+            kinds: kinds.clone(),
+            split: Some(split),
+            random_schema_share: s.random_schema_share,
+            reasoning: s.reasoning,
+            ..SynthConfig::default()
+        };
         let rows = thinkjson_synth::generate(config)?;
         let mut text = String::new();
         for row in &rows {

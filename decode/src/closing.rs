@@ -8,15 +8,16 @@
 //! stops sampling and follows the policy: among the tokens the grammar allows, the one that
 //! closes soonest (end of sequence, then `"` `}` `]`, then short literals such as `null`
 //! or `0`, then separators, then the shortest other token; earlier choices count against
-//! a token, so the policy cannot cycle). The policy ignores the model,
-//! so the measured cost is exact: a sequence whose cost never jumps by more than
-//! [`MARGIN`] tokens between two measurements always finishes.
+//! a token, so the policy cannot cycle). The policy ignores the model, so the measured cost
+//! is exact: a sequence whose cost never jumps by more than the margin ([`MARGIN`], less for
+//! short budgets) between two measurements always finishes.
 
 use llguidance::toktrie::TokTrie;
 use llguidance::Matcher;
 
 /// Tokens of extra headroom: one sampled token (plus what the grammar then forces) may raise
-/// the closing cost by about this much before the next measurement.
+/// the closing cost by about this much before the next measurement. Budgets under 4 × this
+/// get a quarter of the budget, so a short budget is still sampled from the model.
 pub const MARGIN: usize = 16;
 /// Steps between measurements while the end of the budget is still far.
 const PERIOD: usize = 8;
@@ -42,8 +43,8 @@ impl ClosingRanks {
     /// The allowed token that closes soonest (ties go to the lower id). Earlier choices count
     /// against a token (its uses; for a closer, its current run), so the policy cannot
     /// cycle: `0.` followed by `0` forever never ends a number with `exclusiveMinimum: 0`,
-    /// and `}` is a character an email's local part may repeat without end. The choice does not depend on
-    /// the model, so the measured cost is exactly what closing then takes.
+    /// and `}` is a character an email's local part may repeat without end. The choice does
+    /// not depend on the model, so the measured cost is exactly what closing then takes.
     pub(crate) fn pick(&self, allowed: &[u32], used: &Uses) -> Option<u32> {
         allowed.iter().copied().min_by_key(|&t| {
             let rank = self.rank(t);
@@ -150,6 +151,8 @@ pub(crate) struct ClosingWatch {
     /// The last measured cost (`None` before the first measurement).
     last_cost: Option<usize>,
     since: usize,
+    /// Headroom, fixed at the first measurement from the whole budget.
+    margin: usize,
 }
 
 impl ClosingWatch {
@@ -161,9 +164,12 @@ impl ClosingWatch {
         }
         self.since += 1;
         let due = match self.last_cost {
-            None => true,
-            Some(c) if remaining > 4 * c + 4 * MARGIN => false,
-            Some(c) => remaining <= c + 2 * MARGIN || self.since >= PERIOD,
+            None => {
+                self.margin = MARGIN.min(remaining / 4).max(1);
+                true
+            }
+            Some(c) if remaining > 4 * c + 4 * self.margin => false,
+            Some(c) => remaining <= c + 2 * self.margin || self.since >= PERIOD,
         };
         if !due {
             return false;
@@ -171,7 +177,7 @@ impl ClosingWatch {
         self.since = 0;
         let cost = closing_cost(matcher, ranks, remaining);
         self.last_cost = Some(cost.unwrap_or(remaining));
-        self.closing = cost.is_none_or(|c| c + MARGIN >= remaining);
+        self.closing = cost.is_none_or(|c| c + self.margin >= remaining);
         self.closing
     }
 }

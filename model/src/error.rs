@@ -38,6 +38,8 @@ pub enum ModelError {
     },
     #[error("input: {0}")]
     Input(String),
+    #[error("{path}: {reason}")]
+    Gguf { path: PathBuf, reason: String },
     #[error("tokenizer {path}: {reason}")]
     Tokenizer { path: PathBuf, reason: String },
     #[error("chat template: {0}")]

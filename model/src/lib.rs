@@ -5,8 +5,13 @@
 //! formats: `config.json` (transformers v4 and v5), safetensors (f32/f16/bf16, single or
 //! sharded), `tokenizer.json` and the Jinja `chat_template` of `tokenizer_config.json`.
 //!
-//! Key types: [`ModelConfig`], [`CausalLm`], [`TokenBatch`], [`KvCache`], [`Tokenizer`],
-//! [`ChatTemplate`], [`DeviceSpec`].
+//! It also reads GGUF files (llama.cpp's format): [`gguf`] parses the container, dequantizes
+//! F32/F16/BF16, Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 and the K-quants Q2_K…Q6_K, maps `llama` and
+//! `qwen2` models to HF names, and rebuilds their tokenizer and chat template;
+//! [`Pretrained`] opens either form behind one handle.
+//!
+//! Key types: [`ModelConfig`], [`CausalLm`], [`Pretrained`], [`TokenBatch`], [`KvCache`],
+//! [`Tokenizer`], [`ChatTemplate`], [`DeviceSpec`].
 //!
 //! The usage loop:
 //! 1. load a config and weights — [`CausalLm::from_pretrained`] (or [`CausalLm::random`]);
@@ -30,8 +35,10 @@ mod chat;
 mod config;
 mod device;
 mod error;
+pub mod gguf;
 mod layers;
 mod model;
+mod pretrained;
 mod tokenizer;
 pub mod train;
 mod weights;
@@ -44,6 +51,7 @@ pub use device::{probe_cuda, CpuBackend, CpuTrainBackend, DeviceSpec};
 pub use device::{CudaBackend, CudaBf16Backend};
 pub use error::{ModelError, Result};
 pub use model::{CausalLm, KvCache};
+pub use pretrained::Pretrained;
 pub use tokenizer::{train_bpe, SpecialTokens, Tokenizer};
 pub use weights::write_atomic;
 

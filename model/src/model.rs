@@ -11,6 +11,8 @@ use burn::tensor::{Bool, Int, Tensor, TensorData};
 use crate::batch::{plan, rope_tables, TokenBatch};
 use crate::config::{ModelConfig, StorageDtype};
 use crate::error::{ModelError, Result};
+use crate::gguf::hf::GgufSource;
+use crate::gguf::GgufFile;
 use crate::layers::{project, Attention, DecoderLayer, LayerCache, Mlp, Rope, RmsNorm};
 use crate::weights::{transpose, write_atomic, write_safetensors, HfTensor, RandomSource, SafetensorsSource, WeightSource};
 
@@ -114,6 +116,14 @@ impl<B: Backend> CausalLm<B> {
     pub fn from_safetensors(config: &ModelConfig, dir: &Path, device: &B::Device) -> Result<Self> {
         // A tied checkpoint that still carries `lm_head.weight` is fine: the embeddings win.
         Self::build(config, &mut SafetensorsSource::open(dir)?, device)
+    }
+
+    /// Loads a GGUF `llama` or `qwen2` model, dequantizing every tensor to f32 (see
+    /// [`crate::gguf`]).
+    pub fn from_gguf(path: &Path, device: &B::Device) -> Result<Self> {
+        let gguf = GgufFile::open(path)?;
+        let config = ModelConfig::from_gguf(&gguf)?;
+        Self::build(&config, &mut GgufSource::new(&gguf, &config), device)
     }
 
     fn build(config: &ModelConfig, src: &mut dyn WeightSource, device: &B::Device) -> Result<Self> {
@@ -468,4 +478,27 @@ fn push_linear<B: Backend>(out: &mut Vec<HfTensor>, name: &str, lin: &Linear<B>)
         out.push(host_tensor(&format!("{name}.bias"), b.val())?);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod layout_tests {
+    use super::*;
+    use crate::config::Architecture;
+    use crate::weights::hf_layout;
+
+    /// The GGUF import writes tensors from `hf_layout`; it must list exactly what a saved
+    /// model holds (names and HF shapes), for biased, unbiased, tied and untied models.
+    #[test]
+    fn hf_layout_lists_every_saved_tensor() {
+        let base = ModelConfig::preset("tiny").unwrap().with_vocab_size(32);
+        let llama = ModelConfig { architecture: Architecture::Llama, attention_bias: false, tie_word_embeddings: false, ..base.clone() };
+        for config in [base, llama] {
+            let model = CausalLm::<crate::CpuBackend>::random(&config, 1, &Default::default()).unwrap();
+            let mut saved: Vec<(String, Vec<usize>)> = model.hf_tensors().unwrap().into_iter().map(|t| (t.name, t.shape)).collect();
+            let mut listed = hf_layout(&config);
+            saved.sort();
+            listed.sort();
+            assert_eq!(saved, listed);
+        }
+    }
 }

@@ -8,7 +8,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 use safetensors::{Dtype, SafeTensors};
 
-use crate::config::StorageDtype;
+use crate::config::{ModelConfig, StorageDtype};
 use crate::error::{ModelError, Result};
 
 /// Supplies tensors by HF name in HF layout, as f32.
@@ -174,27 +174,43 @@ pub(crate) struct HfTensor {
     pub values: Vec<f32>,
 }
 
+/// A tensor encoded for safetensors: name, dtype, shape, little-endian bytes.
+type Encoded = (String, Dtype, Vec<usize>, Vec<u8>);
+
+fn encode(name: &str, shape: &[usize], values: &[f32], dtype: StorageDtype) -> Encoded {
+    let (dt, bytes): (Dtype, Vec<u8>) = match dtype {
+        StorageDtype::Float32 => (Dtype::F32, values.iter().flat_map(|v| v.to_le_bytes()).collect()),
+        StorageDtype::Bfloat16 => (Dtype::BF16, values.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect()),
+        StorageDtype::Float16 => (Dtype::F16, values.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect()),
+    };
+    (name.to_string(), dt, shape.to_vec(), bytes)
+}
+
 /// Writes `model.safetensors` (metadata `format=pt`) atomically: temp file, then rename.
 pub(crate) fn write_safetensors(dir: &Path, tensors: &[HfTensor], dtype: StorageDtype) -> Result<()> {
-    let encoded: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = tensors
-        .iter()
-        .map(|t| {
-            let (dt, bytes): (Dtype, Vec<u8>) = match dtype {
-                StorageDtype::Float32 => (Dtype::F32, t.values.iter().flat_map(|v| v.to_le_bytes()).collect()),
-                StorageDtype::Bfloat16 => (
-                    Dtype::BF16,
-                    t.values.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect(),
-                ),
-                StorageDtype::Float16 => (
-                    Dtype::F16,
-                    t.values.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect(),
-                ),
-            };
-            (t.name.clone(), dt, t.shape.clone(), bytes)
-        })
-        .collect();
+    let encoded: Vec<Encoded> = tensors.iter().map(|t| encode(&t.name, &t.shape, &t.values, dtype)).collect();
+    serialize_atomic(dir, &encoded)
+}
+
+/// Like [`write_safetensors`], fetching each tensor of `layout` from `source` and encoding it
+/// before the next is fetched, so only the encoded model and one f32 tensor are in memory.
+pub(crate) fn write_safetensors_streamed(
+    dir: &Path,
+    layout: &[(String, Vec<usize>)],
+    source: &mut dyn WeightSource,
+    dtype: StorageDtype,
+) -> Result<()> {
+    let mut encoded = Vec::with_capacity(layout.len());
+    for (name, shape) in layout {
+        let values = source.fetch(name, shape)?;
+        encoded.push(encode(name, shape, &values, dtype));
+    }
+    serialize_atomic(dir, &encoded)
+}
+
+fn serialize_atomic(dir: &Path, encoded: &[Encoded]) -> Result<()> {
     let mut views = Vec::with_capacity(encoded.len());
-    for (name, dt, shape, bytes) in &encoded {
+    for (name, dt, shape, bytes) in encoded {
         let view = safetensors::tensor::TensorView::new(*dt, shape.clone(), bytes).map_err(|e| {
             ModelError::Safetensors {
                 path: dir.join("model.safetensors"),
@@ -211,6 +227,36 @@ pub(crate) fn write_safetensors(dir: &Path, tensors: &[HfTensor], dtype: Storage
         reason: e.to_string(),
     })?;
     std::fs::rename(&tmp, &final_path).map_err(|e| ModelError::io(&final_path, e))
+}
+
+/// Every tensor of a model with this config: HF name and HF shape (`[out, in]` for linears).
+pub(crate) fn hf_layout(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    let (h, d) = (c.hidden_size, c.head_dim);
+    let (q, kv, ffn) = (c.num_attention_heads * d, c.num_key_value_heads * d, c.intermediate_size);
+    let mut out = vec![("model.embed_tokens.weight".to_string(), vec![c.vocab_size, h])];
+    for i in 0..c.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        let mut push = |name: &str, shape: Vec<usize>| out.push((format!("{p}.{name}"), shape));
+        push("self_attn.q_proj.weight", vec![q, h]);
+        push("self_attn.k_proj.weight", vec![kv, h]);
+        push("self_attn.v_proj.weight", vec![kv, h]);
+        if c.attention_bias {
+            push("self_attn.q_proj.bias", vec![q]);
+            push("self_attn.k_proj.bias", vec![kv]);
+            push("self_attn.v_proj.bias", vec![kv]);
+        }
+        push("self_attn.o_proj.weight", vec![h, q]);
+        push("mlp.gate_proj.weight", vec![ffn, h]);
+        push("mlp.up_proj.weight", vec![ffn, h]);
+        push("mlp.down_proj.weight", vec![h, ffn]);
+        push("input_layernorm.weight", vec![h]);
+        push("post_attention_layernorm.weight", vec![h]);
+    }
+    out.push(("model.norm.weight".to_string(), vec![h]));
+    if !c.tie_word_embeddings {
+        out.push(("lm_head.weight".to_string(), vec![c.vocab_size, h]));
+    }
+    out
 }
 
 /// Writes `contents` to `path` through a temp file and a rename, so readers never see half a file.

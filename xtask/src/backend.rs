@@ -50,8 +50,9 @@ pub fn dispatch_train<J: OnTrainBackend>(spec: DeviceSpec, job: J) -> Result<J::
     }
 }
 
-/// The model to train: an HF directory, or seeded random weights of a preset sized for the
-/// tokenizer's vocabulary.
+/// The model to train: an HF directory, a GGUF file or an embedded model name (see
+/// [`crate::model_ref`]), or seeded random weights of a preset sized for the tokenizer's
+/// vocabulary.
 pub fn load_or_init<B: Backend>(
     model: Option<&std::path::Path>,
     preset: Option<&str>,
@@ -62,20 +63,26 @@ pub fn load_or_init<B: Backend>(
     use anyhow::Context;
     use thinkjson_model::{CausalLm, ModelConfig};
     match (model, preset) {
-        (Some(dir), _) => CausalLm::<B>::from_pretrained(dir, device).with_context(|| format!("loading {}", dir.display())),
+        (Some(arg), _) => {
+            let pretrained = crate::model_ref::open(arg)?;
+            pretrained.load::<B>(device).with_context(|| format!("loading {}", pretrained.path().display()))
+        }
         (None, Some(preset)) => {
             let config = ModelConfig::preset(preset)?.with_vocab_size(tokenizer.vocab_size());
             Ok(CausalLm::<B>::random(&config, init_seed, device)?)
         }
-        (None, None) => anyhow::bail!("no model: set `model` (an HF directory) or `preset` in the config, or pass --model / --preset"),
+        (None, None) => anyhow::bail!("no model: set `model` (an HF directory, a GGUF file or an embedded model name) or `preset` in the config, or pass --model / --preset"),
     }
 }
 
-/// The model directory when it carries its own tokenizer.json, else `fallback`.
-pub fn tokenizer_dir(model: Option<&std::path::Path>, fallback: &std::path::Path) -> std::path::PathBuf {
-    match model {
-        Some(dir) if dir.join("tokenizer.json").exists() => dir.to_path_buf(),
-        _ => fallback.to_path_buf(),
+/// The directory whose tokenizer files a run uses and copies into its checkpoints: the
+/// model's own (a GGUF file's rebuilt under `scratch`), else `fallback` (presets).
+pub fn tokenizer_dir(model: Option<&std::path::Path>, fallback: &std::path::Path, scratch: &std::path::Path) -> Result<std::path::PathBuf> {
+    let Some(arg) = model else { return Ok(fallback.to_path_buf()) };
+    let pretrained = crate::model_ref::open(arg)?;
+    match &pretrained {
+        thinkjson_model::Pretrained::HfDir(dir) if !dir.join("tokenizer.json").exists() => Ok(fallback.to_path_buf()),
+        _ => crate::model_ref::tokenizer_dir(&pretrained, &scratch.join("base-tokenizer")),
     }
 }
 

@@ -13,7 +13,8 @@ use thinkjson_model::{CausalLm, CpuBackend, CpuTrainBackend, KvCache, ModelConfi
 #[derive(Args)]
 pub struct BenchArgs {
     /// Which suite: `all` (model, decode, reward, sft, grpo), or one of `model`, `decode`,
-    /// `sft`, `grpo`, `synth`, `reward`, `gpu` (CUDA; a binary built with --features cuda).
+    /// `sft`, `grpo`, `synth`, `reward`, `gguf` (import and load times of a GGUF file), `gpu`
+    /// (CUDA; a binary built with --features cuda).
     #[arg(default_value = "all")]
     suite: String,
     /// Small shapes and few steps (what CI runs).
@@ -28,6 +29,12 @@ pub struct BenchArgs {
     /// Where to write the figures.
     #[arg(long, default_value = "bench.json")]
     out: PathBuf,
+    /// The `gguf` suite: the GGUF file to measure (default: the embedded SmolLM2).
+    #[arg(long)]
+    pub input: Option<PathBuf>,
+    /// Scratch folder of the `gguf` suite's child steps.
+    #[arg(long, hide = true)]
+    pub scratch: Option<PathBuf>,
 }
 
 #[derive(Serialize)]
@@ -55,6 +62,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "sft" => sft_suite(&args, &mut figures)?,
         "grpo" => crate::bench_grpo::grpo_suite(&args, &mut figures)?,
         "gpu" => crate::bench_gpu::gpu_suite(&args, &mut figures)?,
+        "gguf" => crate::bench_gguf::gguf_suite(&args, &mut figures)?,
+        "gguf-import" => crate::bench_gguf::import_step(&args, &mut figures)?,
+        "gguf-load" => crate::bench_gguf::load_step(&args, &mut figures)?,
         "all" => {
             model_suite(&args, &mut figures)?;
             decode_suite(&args, &mut figures)?;
@@ -62,7 +72,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             sft_suite(&args, &mut figures)?;
             crate::bench_grpo::grpo_suite(&args, &mut figures)?;
         }
-        other => bail!("unknown bench suite `{other}` (all, model, decode, sft, grpo, synth, reward, gpu)"),
+        other => bail!("unknown bench suite `{other}` (all, model, decode, sft, grpo, synth, reward, gguf, gpu)"),
     }
     let report = Report {
         suite: args.suite.clone(),
@@ -299,7 +309,7 @@ fn train_rate<B: AutodiffBackend>(config: &ModelConfig, len: usize) -> Result<f6
 }
 
 /// Peak resident memory of this process (VmHWM), MiB; 0 where /proc is unavailable.
-fn peak_rss_mib() -> f64 {
+pub fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {

@@ -8,13 +8,14 @@ use clap::Args;
 use serde_json::{json, Value};
 use thinkjson_decode::{Completion, Constraint, DecodeError, FinishReason, GenerateConfig, Generator, Request, SamplingConfig};
 use thinkjson_model::burn::tensor::backend::Backend;
-use thinkjson_model::{CausalLm, ChatMessage, ChatTemplate, DeviceSpec, Tokenizer};
+use thinkjson_model::{ChatMessage, ChatTemplate, DeviceSpec, Pretrained, Tokenizer};
 
 use crate::backend::{dispatch, OnBackend};
 
 #[derive(Args)]
 pub struct GenerateArgs {
-    /// Hugging Face model directory (config.json, safetensors, tokenizer.json).
+    /// An HF model directory (config.json, safetensors, tokenizer.json), a GGUF file, or an
+    /// embedded model name (smollm2-135m-instruct).
     #[arg(long)]
     model: PathBuf,
     /// The user message.
@@ -52,8 +53,9 @@ pub struct GenerateArgs {
 }
 
 pub fn generate(args: GenerateArgs) -> Result<()> {
-    let tokenizer = Tokenizer::from_path(&args.model).with_context(|| format!("tokenizer of {}", args.model.display()))?;
-    let template = chat_template(&args.model)?;
+    let model = crate::model_ref::open(&args.model)?;
+    let tokenizer = model.tokenizer().with_context(|| format!("tokenizer of {}", model.path().display()))?;
+    let template = model.chat_template()?;
     let mut messages = Vec::new();
     if let Some(system) = &args.system {
         messages.push(ChatMessage::system(system.clone()));
@@ -77,7 +79,7 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
         sampling: SamplingConfig { temperature: args.temperature, top_p: args.top_p, top_k: args.top_k, seed: args.seed, ..Default::default() },
         ..Default::default()
     };
-    let job = GenerateJob { dir: args.model.clone(), tokenizer, requests: vec![Request::new(prompt, constraint)], config };
+    let job = GenerateJob { model, tokenizer, requests: vec![Request::new(prompt, constraint)], config };
     let (mut outs, stats) = dispatch(args.device, job)?;
     let out = outs.pop().context("no completion returned")?;
     if args.json {
@@ -114,7 +116,7 @@ fn read_json(path: &Path) -> Result<Value> {
 }
 
 struct GenerateJob {
-    dir: PathBuf,
+    model: Pretrained,
     tokenizer: Tokenizer,
     requests: Vec<Request>,
     config: GenerateConfig,
@@ -123,7 +125,7 @@ struct GenerateJob {
 impl OnBackend for GenerateJob {
     type Output = (Vec<Completion>, thinkjson_decode::GenerationStats);
     fn run<B: Backend>(self, device: B::Device) -> Result<Self::Output> {
-        let model = CausalLm::<B>::from_pretrained(&self.dir, &device).with_context(|| format!("loading {}", self.dir.display()))?;
+        let model = self.model.load::<B>(&device).with_context(|| format!("loading {}", self.model.path().display()))?;
         let generator = Generator::for_model(&self.tokenizer, &model)?;
         Ok(generator.generate(&model, &self.requests, &self.config)?)
     }
@@ -134,7 +136,8 @@ pub struct SchemasArgs {
     /// A folder of JSON Schema files (searched recursively for `*.json`).
     #[arg(long)]
     dir: PathBuf,
-    /// Also generate with this model and check the outputs validate.
+    /// Also generate with this model (HF directory, GGUF file or embedded name) and check the
+    /// outputs validate.
     #[arg(long)]
     model: Option<PathBuf>,
     /// Tokenizer to compile against without --model (default: the committed Qwen one).
@@ -165,11 +168,14 @@ pub fn schemas(args: SchemasArgs) -> Result<()> {
     if files.is_empty() {
         bail!("no *.json files under {}", args.dir.display());
     }
-    let tok_path = args.model.clone().unwrap_or_else(|| args.tokenizer.clone());
-    let tokenizer = Tokenizer::from_path(&tok_path).with_context(|| format!("tokenizer at {}", tok_path.display()))?;
-    let n_vocab = match &args.model {
-        Some(dir) => thinkjson_model::ModelConfig::from_file(dir)?.vocab_size,
-        None => tokenizer.vocab_size(),
+    let model = args.model.as_deref().map(crate::model_ref::open).transpose()?;
+    let (tokenizer, n_vocab) = match &model {
+        Some(m) => (m.tokenizer()?, m.config()?.vocab_size),
+        None => {
+            let t = Tokenizer::from_path(&args.tokenizer).with_context(|| format!("tokenizer at {}", args.tokenizer.display()))?;
+            let n = t.vocab_size();
+            (t, n)
+        }
     };
     let generator = Generator::new(&tokenizer, n_vocab, &[])?;
     let mut rejected: BTreeMap<String, usize> = BTreeMap::new();
@@ -197,9 +203,9 @@ pub fn schemas(args: SchemasArgs) -> Result<()> {
         lines.push(format!("  {n:>6}  {why}"));
     }
     crate::print_out(&lines.join("\n"))?;
-    let Some(dir) = args.model else { return Ok(()) };
+    let Some(model) = model else { return Ok(()) };
 
-    let template = chat_template(&dir)?;
+    let template = model.chat_template()?;
     let config = GenerateConfig {
         max_new_tokens: args.max_new_tokens,
         sampling: SamplingConfig { temperature: args.temperature, seed: args.seed, ..Default::default() },
@@ -211,7 +217,7 @@ pub fn schemas(args: SchemasArgs) -> Result<()> {
         let messages = [ChatMessage::user(format!("Produce a JSON value for the schema `{name}`:\n{schema}"))];
         requests.push(Request::new(thinkjson_decode::chat_prompt(&template, &tokenizer, &messages)?, constraint.clone()));
     }
-    let job = SchemaRunJob { dir, tokenizer, requests, config, batch: args.batch.max(1) };
+    let job = SchemaRunJob { model, tokenizer, requests, config, batch: args.batch.max(1) };
     let (outs, masks) = dispatch(args.device, job)?;
     let (mut finished, mut valid, mut length) = (0, 0, 0);
     let mut invalid = Vec::new();
@@ -279,7 +285,7 @@ pub fn percentile(values: &[f64], q: f64) -> f64 {
 }
 
 struct SchemaRunJob {
-    dir: PathBuf,
+    model: Pretrained,
     tokenizer: Tokenizer,
     requests: Vec<Request>,
     config: GenerateConfig,
@@ -289,7 +295,7 @@ struct SchemaRunJob {
 impl OnBackend for SchemaRunJob {
     type Output = (Vec<Completion>, Vec<f64>);
     fn run<B: Backend>(self, device: B::Device) -> Result<Self::Output> {
-        let model = CausalLm::<B>::from_pretrained(&self.dir, &device).with_context(|| format!("loading {}", self.dir.display()))?;
+        let model = self.model.load::<B>(&device).with_context(|| format!("loading {}", self.model.path().display()))?;
         let generator = Generator::for_model(&self.tokenizer, &model)?;
         let bar = indicatif::ProgressBar::new(self.requests.len() as u64);
         let mut outs = Vec::with_capacity(self.requests.len());

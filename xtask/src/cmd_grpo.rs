@@ -25,7 +25,8 @@ pub struct GrpoArgs {
     /// hyper-parameters (with `[train.rewards]` weights). Unknown fields are errors.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// HF model directory to train (e.g. the SFT stage's `final/`).
+    /// Model to train: an HF directory (e.g. the SFT stage's `final/`), a GGUF file, or an
+    /// embedded name (smollm2-135m-instruct).
     #[arg(long)]
     model: Option<PathBuf>,
     /// Start from seeded random weights of a preset shape instead of --model.
@@ -168,12 +169,12 @@ pub fn run_grpo(file: &GrpoFile, resume: bool, export_samples: Option<&Path>) ->
     let Some(data) = file.data.clone() else {
         bail!("no prompts: set `data` in the config or pass --data FILE.jsonl");
     };
-    if let Some(dir) = &file.model {
-        if !dir.join("config.json").exists() {
-            bail!("model directory {} has no config.json", dir.display());
-        }
+    if let Some(arg) = &file.model {
+        // Fails early, before prompts are encoded, on a model that cannot be opened.
+        crate::model_ref::open(arg)?.config()?;
     }
-    let tok_dir = tokenizer_dir(file.model.as_deref(), &file.tokenizer);
+    std::fs::create_dir_all(&file.out).with_context(|| format!("creating {}", file.out.display()))?;
+    let tok_dir = tokenizer_dir(file.model.as_deref(), &file.tokenizer, &file.out)?;
     let tokenizer = Tokenizer::from_path(&tok_dir).with_context(|| format!("loading the tokenizer from {}", tok_dir.display()))?;
     let template = chat_template(&tok_dir)?;
     let mut rows = read_rows(&data)?;

@@ -1,17 +1,18 @@
-//! `logits` and `init-model`.
+//! `logits`, `init-model` and `import-gguf`.
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use thinkjson_model::burn::tensor::backend::Backend;
-use thinkjson_model::{CausalLm, DeviceSpec, ModelConfig, Padding, StorageDtype, TokenBatch};
+use thinkjson_model::gguf::GgufFile;
+use thinkjson_model::{CausalLm, DeviceSpec, ModelConfig, Padding, Pretrained, StorageDtype, TokenBatch};
 
 use crate::backend::{dispatch, OnBackend};
 
 #[derive(Args)]
 pub struct LogitsArgs {
-    /// Hugging Face model directory (config.json + model.safetensors or a sharded index).
+    /// An HF model directory, a GGUF file, or an embedded model name (smollm2-135m-instruct).
     #[arg(long)]
     model: PathBuf,
     /// Comma-separated token ids, e.g. 1,2,3.
@@ -24,7 +25,8 @@ pub struct LogitsArgs {
 
 pub fn logits(args: LogitsArgs) -> Result<()> {
     let tokens = parse_tokens(&args.tokens)?;
-    let rows = dispatch(args.device, LogitsJob { dir: args.model, tokens })?;
+    let model = crate::model_ref::open(&args.model)?;
+    let rows = dispatch(args.device, LogitsJob { model, tokens })?;
     crate::print_out(&serde_json::json!({ "logits": rows }).to_string())
 }
 
@@ -42,15 +44,17 @@ fn parse_tokens(s: &str) -> Result<Vec<u32>> {
 }
 
 struct LogitsJob {
-    dir: PathBuf,
+    model: Pretrained,
     tokens: Vec<u32>,
 }
 
 impl OnBackend for LogitsJob {
     type Output = Vec<Vec<f32>>;
     fn run<B: Backend>(self, device: B::Device) -> Result<Self::Output> {
-        let model = CausalLm::<B>::from_pretrained(&self.dir, &device)
-            .with_context(|| format!("loading {}", self.dir.display()))?;
+        let model = self
+            .model
+            .load::<B>(&device)
+            .with_context(|| format!("loading {}", self.model.path().display()))?;
         let batch = TokenBatch::new(&[self.tokens], Padding::Right, 0)?;
         let logits = model.forward(&batch)?;
         let [_, seq, vocab] = logits.dims();
@@ -105,4 +109,53 @@ pub fn init(args: InitArgs) -> Result<()> {
         args.out.display()
     );
     Ok(())
+}
+
+#[derive(Args)]
+pub struct ImportGgufArgs {
+    /// A GGUF file (`llama` or `qwen2` architecture), or an embedded model name.
+    #[arg(long = "in")]
+    input: PathBuf,
+    /// Output directory (created): config.json, model.safetensors, tokenizer.json,
+    /// tokenizer_config.json, generation_config.json.
+    #[arg(long)]
+    out: PathBuf,
+    /// Storage dtype of model.safetensors: f32 (exact dequantized values) or bf16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Print a JSON summary.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn import_gguf(args: ImportGgufArgs) -> Result<()> {
+    let dtype = match args.dtype.as_str() {
+        "f32" | "float32" => StorageDtype::Float32,
+        "bf16" | "bfloat16" => StorageDtype::Bfloat16,
+        other => bail!("--dtype: `{other}` (f32 or bf16)"),
+    };
+    let path = match crate::model_ref::open(&args.input)? {
+        Pretrained::Gguf(g) => g.path().to_path_buf(),
+        Pretrained::HfDir(dir) => bail!("--in {}: a directory; import-gguf reads a GGUF file", dir.display()),
+    };
+    let start = std::time::Instant::now();
+    let gguf = GgufFile::open(&path)?;
+    let config = thinkjson_model::gguf::hf::import_gguf(&gguf, &args.out, dtype)
+        .with_context(|| format!("importing {} into {}", path.display(), args.out.display()))?;
+    let secs = start.elapsed().as_secs_f64();
+    if args.json {
+        let v = serde_json::json!({"in": path, "out": args.out, "architecture": config.architecture,
+            "parameters": config.num_parameters(), "dtype": dtype.hf_name(), "seconds": secs});
+        crate::print_out(&serde_json::to_string_pretty(&v)?)
+    } else {
+        eprintln!(
+            "imported {} ({:?}, {} parameters, {}) into {} in {secs:.1}s",
+            path.display(),
+            config.architecture,
+            config.num_parameters(),
+            dtype.hf_name(),
+            args.out.display()
+        );
+        Ok(())
+    }
 }

@@ -22,7 +22,7 @@ pub struct SftArgs {
     /// table of hyper-parameters. Every field has a default; unknown fields are errors.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// HF model directory to fine-tune (config.json, safetensors, tokenizer files).
+    /// Model to fine-tune: an HF directory, a GGUF file, or an embedded name (smollm2-135m-instruct).
     #[arg(long)]
     model: Option<PathBuf>,
     /// Start from seeded random weights of a preset shape instead of --model.
@@ -170,7 +170,8 @@ pub fn run_sft(file: &SftFile, resume: bool) -> Result<RunSummary> {
     let Some(data) = file.data.clone() else {
         bail!("no training data: set `data` in the config or pass --data FILE.jsonl");
     };
-    let tok_dir = tokenizer_dir(file.model.as_deref(), &file.tokenizer);
+    std::fs::create_dir_all(&file.out).with_context(|| format!("creating {}", file.out.display()))?;
+    let tok_dir = tokenizer_dir(file.model.as_deref(), &file.tokenizer, &file.out)?;
     let tokenizer = Tokenizer::from_path(&tok_dir).with_context(|| format!("loading the tokenizer from {}", tok_dir.display()))?;
     let template = chat_template(&tok_dir)?;
     let encoder = Encoder::new(&tokenizer, &template, file.train.max_len)?;

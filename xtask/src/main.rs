@@ -3,6 +3,7 @@
 
 mod backend;
 mod bench;
+mod bench_gguf;
 mod bench_gpu;
 mod bench_grpo;
 mod cmd_decode;
@@ -10,6 +11,7 @@ mod cmd_model;
 mod cmd_grpo;
 mod cmd_sft;
 mod metrics_log;
+mod model_ref;
 mod pipeline;
 mod cmd_eval;
 mod cmd_synth;
@@ -43,6 +45,8 @@ struct Cli {
 enum Verb {
     /// Print the logits of every position of a token sequence as JSON (for parity checks).
     Logits(cmd_model::LogitsArgs),
+    /// Convert a GGUF file (llama or qwen2) into a Hugging Face directory that transformers loads.
+    ImportGguf(cmd_model::ImportGgufArgs),
     /// Initialise a model from a preset with seeded random weights and save it in HF layout.
     InitModel(cmd_model::InitArgs),
     /// Generate a completion with a model, optionally constrained to a JSON Schema (--think for think-then-JSON).
@@ -83,6 +87,7 @@ fn main() -> ExitCode {
     let result = match cli.verb {
         Verb::Logits(a) => cmd_model::logits(a),
         Verb::InitModel(a) => cmd_model::init(a),
+        Verb::ImportGguf(a) => cmd_model::import_gguf(a),
         Verb::Generate(a) => cmd_decode::generate(a),
         Verb::Schemas(a) => cmd_decode::schemas(a),
         Verb::Synth(a) => cmd_synth::synth(a),

@@ -51,7 +51,10 @@ pub struct TokenizerSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelSection {
-    /// An HF model directory (config.json, safetensors, tokenizer.json, tokenizer_config.json).
+    /// The starting model: an HF model directory (config.json, safetensors, tokenizer.json,
+    /// tokenizer_config.json), a GGUF file, or an embedded model name
+    /// (`smollm2-135m-instruct`). A GGUF model is imported into OUT/base (f32) by the model
+    /// stage and its tokenizer files into OUT/tokenizer by the tokenizer stage. Default: none.
     pub dir: Option<PathBuf>,
     /// Otherwise: seeded random weights of this preset, sized to the trained tokenizer.
     pub preset: String,

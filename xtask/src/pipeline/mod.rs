@@ -156,12 +156,17 @@ fn check_before_work(file: &PipelineFile, selected: &[String], resume: bool) -> 
     file.sft.validate().context("[sft]")?;
     file.grpo.validate().context("[grpo]")?;
     let _: DeviceSpec = file.device.parse()?;
-    if let Some(dir) = &file.model.dir {
+    if let Some(dir) = stages::own_hf_dir(file) {
         for needed in ["config.json", "tokenizer.json"] {
             if !dir.join(needed).exists() {
                 bail!("model.dir {}: no {needed} there (need an HF model directory)", dir.display());
             }
         }
+    } else if let Some(arg) = &file.model.dir {
+        // A GGUF file or an embedded name: its header, config and tokenizer must be usable.
+        let model = crate::model_ref::open(arg).context("model.dir")?;
+        model.config().context("model.dir")?;
+        model.tokenizer().context("model.dir")?;
     } else if !file.tokenizer.template_from.exists() {
         bail!("tokenizer.template_from {}: no such file", file.tokenizer.template_from.display());
     }
@@ -203,7 +208,14 @@ fn inputs_of(file: &PipelineFile, stage: &str) -> Vec<PathBuf> {
     let out = &file.out;
     match stage {
         "tokenizer" => vec![stages::split_path(out, Split::Sft), stages::split_path(out, Split::Grpo)],
-        "model" => vec![stages::tokenizer_dir(file).join("tokenizer.json")],
+        "model" => {
+            let mut inputs = vec![stages::tokenizer_dir(file).join("tokenizer.json")];
+            // A GGUF file is hashed whole (its bytes are the model); an HF directory by config and sizes.
+            if let Some(arg) = file.model.dir.as_deref().filter(|_| stages::own_hf_dir(file).is_none()) {
+                inputs.push(crate::model_ref::open(arg).map(|m| m.path().to_path_buf()).unwrap_or_else(|_| arg.to_path_buf()));
+            }
+            inputs
+        }
         "sft" => vec![stages::split_path(out, Split::Sft), stages::split_path(out, Split::Eval), stages::base_dir(file)],
         "grpo" => vec![stages::split_path(out, Split::Grpo), out.join("sft").join("final")],
         "eval" => vec![stages::split_path(out, Split::Eval), out.join("grpo").join("final")],
@@ -215,8 +227,8 @@ fn inputs_of(file: &PipelineFile, stage: &str) -> Vec<PathBuf> {
 fn clear_outputs(file: &PipelineFile, stage: &str) -> Result<()> {
     let dir = match stage {
         "synth" => file.out.join("synth"),
-        "tokenizer" if file.model.dir.is_none() => file.out.join("tokenizer"),
-        "model" if file.model.dir.is_none() => file.out.join("base"),
+        "tokenizer" if stages::own_hf_dir(file).is_none() => file.out.join("tokenizer"),
+        "model" if stages::own_hf_dir(file).is_none() => file.out.join("base"),
         "sft" => file.out.join("sft"),
         "grpo" => file.out.join("grpo"),
         "eval" => file.out.join("eval"),

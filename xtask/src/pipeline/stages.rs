@@ -52,9 +52,23 @@ pub fn synth(file: &PipelineFile) -> Result<Value> {
     Ok(Value::Object(counts))
 }
 
-pub fn tokenizer_dir(file: &PipelineFile) -> PathBuf {
+/// `model.dir` when it is an HF directory used as is; `None` for a GGUF file or embedded
+/// name (imported into the run) and for a preset.
+pub fn own_hf_dir(file: &PipelineFile) -> Option<&Path> {
+    file.model.dir.as_deref().filter(|d| d.is_dir())
+}
+
+/// The GGUF model `model.dir` names, if it names one.
+fn gguf_model(file: &PipelineFile) -> Result<Option<thinkjson_model::Pretrained>> {
     match &file.model.dir {
-        Some(dir) => dir.clone(),
+        Some(arg) if !arg.is_dir() => Ok(Some(crate::model_ref::open(arg)?)),
+        _ => Ok(None),
+    }
+}
+
+pub fn tokenizer_dir(file: &PipelineFile) -> PathBuf {
+    match own_hf_dir(file) {
+        Some(dir) => dir.to_path_buf(),
         None => file.out.join("tokenizer"),
     }
 }
@@ -63,9 +77,14 @@ pub fn tokenizer_dir(file: &PipelineFile) -> PathBuf {
 /// and target completions) and writes tokenizer.json + tokenizer_config.json (ChatML
 /// template). With a model directory, its tokenizer is used as is.
 pub fn tokenizer(file: &PipelineFile) -> Result<Value> {
-    if file.model.dir.is_some() {
+    if own_hf_dir(file).is_some() {
         let tok = Tokenizer::from_path(&tokenizer_dir(file))?;
         return Ok(json!({"trained": false, "vocab_size": tok.vocab_size()}));
+    }
+    if let Some(gguf) = gguf_model(file)? {
+        let dir = crate::model_ref::tokenizer_dir(&gguf, &tokenizer_dir(file))?;
+        let tok = Tokenizer::from_path(&dir)?;
+        return Ok(json!({"trained": false, "from_gguf": gguf.path(), "vocab_size": tok.vocab_size()}));
     }
     let mut texts = Vec::new();
     for split in [Split::Sft, Split::Grpo] {
@@ -103,8 +122,8 @@ pub fn tokenizer(file: &PipelineFile) -> Result<Value> {
 }
 
 pub fn base_dir(file: &PipelineFile) -> PathBuf {
-    match &file.model.dir {
-        Some(dir) => dir.clone(),
+    match own_hf_dir(file) {
+        Some(dir) => dir.to_path_buf(),
         None => file.out.join("base"),
     }
 }
@@ -112,9 +131,14 @@ pub fn base_dir(file: &PipelineFile) -> PathBuf {
 /// The starting model: the configured directory, or the preset with seeded random weights
 /// and the trained tokenizer's vocabulary, saved in HF layout with the tokenizer files.
 pub fn model(file: &PipelineFile) -> Result<Value> {
-    if let Some(dir) = &file.model.dir {
+    if let Some(dir) = own_hf_dir(file) {
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
         return Ok(json!({"dir": dir, "hidden_size": config.hidden_size, "layers": config.num_hidden_layers}));
+    }
+    if let Some(thinkjson_model::Pretrained::Gguf(gguf)) = gguf_model(file)? {
+        let dir = base_dir(file);
+        let config = thinkjson_model::gguf::hf::import_gguf(&gguf, &dir, StorageDtype::Float32)?;
+        return Ok(json!({"dir": dir, "from_gguf": gguf.path(), "parameters": config.num_parameters()}));
     }
     let tok_dir = tokenizer_dir(file);
     let tok = Tokenizer::from_path(&tok_dir)?;

@@ -110,10 +110,17 @@ fn rank_of(bytes: &[u8]) -> u16 {
 
 /// Tokens (forced ones and the end-of-sequence token included) the closing policy needs to
 /// finish the grammar from `matcher`'s state; `None` when more than `limit` or when the
-/// grammar cannot be finished.
-pub(crate) fn closing_cost(matcher: &Matcher, ranks: &ClosingRanks, limit: usize) -> Option<usize> {
+/// grammar cannot be finished. `prefix` is written first (what the forced tokens leave
+/// open: a plain-text `</think>` that the generator writes itself, which no ranking finds).
+pub(crate) fn closing_cost(matcher: &Matcher, ranks: &ClosingRanks, limit: usize, prefix: &[u32]) -> Option<usize> {
     let mut m = matcher.deep_clone();
     let mut used = 0;
+    if !prefix.is_empty() && !m.is_stopped() {
+        let ff = m.compute_ff_tokens();
+        m.consume_tokens(&ff).ok()?;
+        m.consume_tokens(prefix).ok()?;
+        used += ff.len() + prefix.len();
+    }
     let mut uses = Uses::default();
     loop {
         if m.is_stopped() {
@@ -158,7 +165,7 @@ pub(crate) struct ClosingWatch {
 impl ClosingWatch {
     /// Whether the policy must choose this step's token, given the tokens left (this one
     /// included). Measures only near the end of the budget, every step once close.
-    pub(crate) fn must_close(&mut self, matcher: &Matcher, ranks: &ClosingRanks, remaining: usize) -> bool {
+    pub(crate) fn must_close(&mut self, matcher: &Matcher, ranks: &ClosingRanks, remaining: usize, prefix: &[u32]) -> bool {
         if self.closing {
             return true;
         }
@@ -175,7 +182,7 @@ impl ClosingWatch {
             return false;
         }
         self.since = 0;
-        let cost = closing_cost(matcher, ranks, remaining);
+        let cost = closing_cost(matcher, ranks, remaining, prefix);
         self.last_cost = Some(cost.unwrap_or(remaining));
         self.closing = cost.is_none_or(|c| c + self.margin >= remaining);
         self.closing

@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 
 use crate::env::ConstraintEnv;
 use crate::error::{DecodeError, Result};
-use crate::schema_check::check_schema;
+use crate::schema_check::{plan_schema, KeywordAt, Relax};
 
 /// How the JSON may be laid out. Property order is always the schema's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -65,35 +65,104 @@ impl Constraint {
         Constraint::ThinkThenJson { schema, max_think_tokens, style: JsonStyle::default() }
     }
 
-    /// Compiles against `env`; every schema problem is reported here, before generation.
-    pub fn compile(&self, env: &ConstraintEnv) -> Result<Option<CompiledConstraint>> {
-        let grammar = match self {
-            Constraint::None => return Ok(None),
-            Constraint::JsonSchema { schema, style } => {
-                TopLevelGrammar::from_json_schema(prepare_schema(schema, *style)?)
-            }
-            Constraint::Lark(text) => TopLevelGrammar::from_lark(text.clone()),
-            Constraint::ThinkThenJson { schema, max_think_tokens, style } => {
-                let schema = prepare_schema(schema, *style)?;
-                TopLevelGrammar::from_lark(think_then_json_lark(env, &schema, *max_think_tokens))
-            }
-        };
-        let parser = env
-            .factory()
-            .create_parser(grammar)
-            .map_err(|e| DecodeError::Grammar(e.to_string()))?;
-        let prototype = Matcher::new(Ok(parser));
-        if let Some(e) = prototype.get_error() {
-            return Err(DecodeError::Grammar(e));
+    /// The schema the JSON must satisfy, if any.
+    pub fn schema(&self) -> Option<&Value> {
+        match self {
+            Constraint::JsonSchema { schema, .. } | Constraint::ThinkThenJson { schema, .. } => Some(schema),
+            _ => None,
         }
-        Ok(Some(CompiledConstraint { prototype }))
     }
+
+    /// Compiles against `env`; every schema problem is reported here, before generation.
+    /// Keywords the grammar cannot express are left to validation against the full schema
+    /// (see [`crate::schema_check`]).
+    pub fn compile(&self, env: &ConstraintEnv) -> Result<Option<CompiledConstraint>> {
+        match self {
+            Constraint::None => Ok(None),
+            Constraint::Lark(text) => {
+                let prototype = build(env, TopLevelGrammar::from_lark(text.clone()))?;
+                Ok(Some(CompiledConstraint { prototype, check: None, think_close: None }))
+            }
+            Constraint::JsonSchema { schema, style } => {
+                compile_schema(env, schema, *style, AnswerLayout::Whole, |g| Ok(TopLevelGrammar::from_json_schema(g))).map(Some)
+            }
+            Constraint::ThinkThenJson { schema, max_think_tokens, style } => {
+                let plain = env.think_tokens().is_none();
+                let mut cc = compile_schema(env, schema, *style, AnswerLayout::Tagged, |g| {
+                    Ok(TopLevelGrammar::from_lark(think_then_json_lark(env, &g, *max_think_tokens)?))
+                })?;
+                if plain && *max_think_tokens > 0 {
+                    cc.think_close = Some(ThinkClose { tokens: env.tokenize(THINK_CLOSE), budget: *max_think_tokens });
+                }
+                Ok(Some(cc))
+            }
+        }
+    }
+}
+
+/// The text that ends the reasoning.
+pub(crate) const THINK_CLOSE: &str = "</think>";
+
+/// Where the JSON sits in a constrained output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AnswerLayout {
+    /// The whole output.
+    Whole,
+    /// Between `<answer>\n` and `\n</answer>`.
+    Tagged,
+}
+
+impl AnswerLayout {
+    pub(crate) fn json(self, text: &str) -> Option<&str> {
+        match self {
+            AnswerLayout::Whole => Some(text),
+            AnswerLayout::Tagged => {
+                let start = text.find("<answer>\n")? + "<answer>\n".len();
+                let end = text.rfind("\n</answer>")?;
+                text.get(start..end)
+            }
+        }
+    }
+}
+
+/// The full-schema check of a finished output.
+#[derive(Clone)]
+pub(crate) struct OutputCheck {
+    pub validator: std::sync::Arc<jsonschema::Validator>,
+    pub layout: AnswerLayout,
+    /// Keywords the grammar did not enforce (named when validation keeps failing).
+    pub validated: Vec<KeywordAt>,
+}
+
+impl OutputCheck {
+    /// `None` when the output's JSON is valid under the full schema, else why not.
+    pub(crate) fn violation(&self, text: &str) -> Option<String> {
+        let Some(json) = self.layout.json(text) else {
+            return Some("no <answer> block".into());
+        };
+        let value: Value = match serde_json::from_str(json) {
+            Ok(v) => v,
+            Err(e) => return Some(format!("not JSON: {e}")),
+        };
+        let error = self.validator.iter_errors(&value).next()?;
+        Some(format!("{error} (schema path {})", error.schema_path()))
+    }
+}
+
+/// The plain-text `</think>` of a tokenizer without think tokens, and the reasoning budget the
+/// generator enforces by writing it (a grammar token limit would end the reasoning without it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ThinkClose {
+    pub tokens: Vec<u32>,
+    pub budget: usize,
 }
 
 /// A compiled constraint; [`CompiledConstraint::matcher`] gives each sequence its own state.
 #[derive(Clone)]
 pub struct CompiledConstraint {
     prototype: Matcher,
+    pub(crate) check: Option<OutputCheck>,
+    pub(crate) think_close: Option<ThinkClose>,
 }
 
 impl std::fmt::Debug for CompiledConstraint {
@@ -107,12 +176,54 @@ impl CompiledConstraint {
     pub fn matcher(&self) -> Matcher {
         self.prototype.deep_clone()
     }
+
+    /// Keywords of the schema that the grammar leaves to validation of the finished output.
+    pub fn validated_keywords(&self) -> &[KeywordAt] {
+        self.check.as_ref().map_or(&[], |c| c.validated.as_slice())
+    }
 }
 
-/// Checks the schema, bounds open numbers, and attaches the layout options llguidance reads
-/// from `x-guidance`.
-fn prepare_schema(schema: &Value, style: JsonStyle) -> Result<Value> {
-    check_schema(schema)?;
+fn build(env: &ConstraintEnv, grammar: TopLevelGrammar) -> Result<Matcher> {
+    let parser = env.factory().create_parser(grammar).map_err(|e| DecodeError::Grammar(e.to_string()))?;
+    let prototype = Matcher::new(Ok(parser));
+    if let Some(e) = prototype.get_error() {
+        return Err(DecodeError::Grammar(e));
+    }
+    Ok(prototype)
+}
+
+/// Plans the schema, compiles the grammar (leaving to validation, step by step, what
+/// llguidance reports it cannot compile: see [`Relax`]), and builds the full-schema validator.
+fn compile_schema(
+    env: &ConstraintEnv,
+    schema: &Value,
+    style: JsonStyle,
+    layout: AnswerLayout,
+    grammar: impl Fn(Value) -> Result<TopLevelGrammar>,
+) -> Result<CompiledConstraint> {
+    let mut relax = Relax::default();
+    loop {
+        let plan = plan_schema(schema, relax)?;
+        match build(env, grammar(prepare_schema(plan.grammar, style)?)?) {
+            Ok(prototype) => {
+                let validator = jsonschema::validator_for(schema).map_err(|e| DecodeError::InvalidSchema {
+                    pointer: e.instance_path().to_string(),
+                    message: format!("the validator cannot compile it: {e}"),
+                })?;
+                let check = OutputCheck { validator: std::sync::Arc::new(validator), layout, validated: plan.validated };
+                return Ok(CompiledConstraint { prototype, check: Some(check), think_close: None });
+            }
+            Err(DecodeError::Grammar(m)) => match relax.after(&m) {
+                Some(next) => relax = next,
+                None => return Err(DecodeError::Grammar(m)),
+            },
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Bounds open numbers and attaches the layout options llguidance reads from `x-guidance`.
+fn prepare_schema(schema: Value, style: JsonStyle) -> Result<Value> {
     let mut schema = match schema {
         Value::Bool(true) => json!({}),
         Value::Bool(false) => {
@@ -121,7 +232,7 @@ fn prepare_schema(schema: &Value, style: JsonStyle) -> Result<Value> {
                 message: "the schema `false` accepts no value".into(),
             })
         }
-        other => other.clone(),
+        other => other,
     };
     bound_numbers(&mut schema);
     let Some(map) = schema.as_object_mut() else {
@@ -143,23 +254,21 @@ fn prepare_schema(schema: &Value, style: JsonStyle) -> Result<Value> {
     Ok(schema)
 }
 
-fn think_then_json_lark(env: &ConstraintEnv, schema: &Value, max_think_tokens: usize) -> String {
-    let budget = max_think_tokens.max(1);
-    let json = serde_json::to_string(schema).unwrap_or_default();
-    match env.think_tokens() {
+/// `<think>…</think>\n\n<answer>\n{json}\n</answer>`. With think tokens the grammar bounds
+/// the reasoning; with plain text the reasoning ends at the first `</think>`, which stays in
+/// the output (`suffix`), and the generator enforces the budget (a grammar token limit would
+/// end the reasoning without writing `</think>`). A zero budget leaves the reasoning empty.
+fn think_then_json_lark(env: &ConstraintEnv, schema: &Value, max_think_tokens: usize) -> Result<String> {
+    let json = serde_json::to_string(schema).map_err(|e| DecodeError::Input(format!("schema: {e}")))?;
+    let answer = format!("answer[capture]: %json {json}\n");
+    let tail = "\"\\n\\n<answer>\\n\" answer \"\\n</answer>\"";
+    Ok(match (env.think_tokens(), max_think_tokens) {
+        (Some(_), 0) => format!("start: <think> </think> {tail}\n{answer}"),
         // Special tokens: the reasoning cannot contain them, so any text is fine.
-        Some(_) => format!(
-            "start: <think> think </think> \"\\n\\n<answer>\\n\" answer \"\\n</answer>\"\n\
-             think[max_tokens={budget}]: /(.|\\n)*/\n\
-             answer[capture]: %json {json}\n"
-        ),
-        // Plain text: the reasoning ends at the first `</think>`.
-        None => format!(
-            "start: \"<think>\" think \"\\n\\n<answer>\\n\" answer \"\\n</answer>\"\n\
-             think[stop=\"</think>\", max_tokens={budget}]: /(.|\\n)*/\n\
-             answer[capture]: %json {json}\n"
-        ),
-    }
+        (Some(_), budget) => format!("start: <think> think </think> {tail}\nthink[max_tokens={budget}]: /(.|\\n)*/\n{answer}"),
+        (None, 0) => format!("start: \"<think></think>\" {tail}\n{answer}"),
+        (None, _) => format!("start: \"<think>\" think {tail}\nthink[suffix=\"</think>\"]: /(.|\\n)*/\n{answer}"),
+    })
 }
 
 /// The largest integer every JSON parser reads exactly (2^53 − 1).
@@ -178,12 +287,8 @@ fn bound_numbers(schema: &mut Value) {
                 _ => false,
             };
             if numeric {
-                if !map.contains_key("minimum") && !map.contains_key("exclusiveMinimum") {
-                    map.insert("minimum".into(), Value::from(-JSON_SAFE_INTEGER));
-                }
-                if !map.contains_key("maximum") && !map.contains_key("exclusiveMaximum") {
-                    map.insert("maximum".into(), Value::from(JSON_SAFE_INTEGER));
-                }
+                clamp_bound(map, "minimum", "exclusiveMinimum", -1);
+                clamp_bound(map, "maximum", "exclusiveMaximum", 1);
             }
             for (key, child) in map.iter_mut() {
                 // Values, not schemas.
@@ -197,9 +302,33 @@ fn bound_numbers(schema: &mut Value) {
     }
 }
 
+/// Bounds one side (`sign` −1 for the lower, +1 for the upper) to ±(2^53 − 1) where it is
+/// open or beyond that (a schema's `i64::MIN` bound is no bound a parser can meet exactly);
+/// only ever tighter.
+fn clamp_bound(map: &mut serde_json::Map<String, Value>, inclusive: &str, exclusive: &str, sign: i64) {
+    let limit = sign * JSON_SAFE_INTEGER;
+    let beyond = |v: Option<&Value>| v.and_then(Value::as_f64).is_some_and(|x| x * sign as f64 > JSON_SAFE_INTEGER as f64);
+    if beyond(map.get(exclusive)) {
+        map.remove(exclusive);
+    }
+    let open = !map.contains_key(inclusive) && !map.contains_key(exclusive);
+    if open || beyond(map.get(inclusive)) {
+        map.insert(inclusive.into(), Value::from(limit));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn huge_bounds_are_clamped_and_exclusive_ones_kept() {
+        let mut s = json!({"type": "integer", "minimum": i64::MIN, "exclusiveMaximum": 10});
+        bound_numbers(&mut s);
+        assert_eq!(s["minimum"], json!(-JSON_SAFE_INTEGER));
+        assert_eq!(s["exclusiveMaximum"], json!(10));
+        assert!(s.get("maximum").is_none());
+    }
 
     #[test]
     fn open_numbers_get_safe_bounds_and_values_are_left_alone() {

@@ -58,6 +58,12 @@ impl ConstraintEnv {
         self.env.tok_trie()
     }
 
+    /// Text as tokens, the way the grammar tokenizes forced literals (added tokens spelled
+    /// as plain bytes).
+    pub fn tokenize(&self, text: &str) -> Vec<TokenId> {
+        self.env.tokenize_bytes(text.as_bytes())
+    }
+
     /// Ids of `<think>` / `</think>` when the tokenizer has them as single tokens.
     pub fn think_tokens(&self) -> Option<(TokenId, TokenId)> {
         self.think

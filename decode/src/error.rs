@@ -4,13 +4,12 @@ use thinkjson_model::ModelError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
-    /// A JSON Schema keyword the constrained decoder cannot enforce.
+    /// A setting the constrained decoder refuses (e.g. llguidance's `lenient` mode, which
+    /// would silently stop enforcing keywords).
     #[error("unsupported JSON Schema keyword `{keyword}` at `{pointer}`: constrained decoding cannot enforce it")]
     UnsupportedKeyword { keyword: String, pointer: String },
     #[error("remote `$ref` `{reference}` at `{pointer}`: only local references (`#/...`) are resolved")]
     RemoteRef { reference: String, pointer: String },
-    #[error("unsupported string `format` `{format}` at `{pointer}` (supported: {supported})")]
-    UnknownFormat { format: String, pointer: String, supported: String },
     #[error("invalid JSON Schema at `{pointer}`: {message}")]
     InvalidSchema { pointer: String, message: String },
     /// The grammar compiler (llguidance) rejected the constraint.

@@ -35,11 +35,25 @@ pub struct GenerateConfig {
     /// the budget the generator stops sampling and closes the grammar by the shortest path it
     /// finds; [`Completion::closed`] marks such sequences.
     pub close_within_budget: bool,
+    /// Every finished JSON-schema output is validated against the full schema (keywords the
+    /// grammar cannot express — `not`, `uniqueItems`, `if`/`then`, … — are checked only
+    /// there). An invalid one is generated again, up to this many times, with a new seed
+    /// (and temperature 1 when the request was greedy, which would repeat itself); one still
+    /// invalid after that ends as [`FinishReason::ConstraintError`] naming the keywords.
+    /// Default 3.
+    pub max_retries: usize,
 }
 
 impl Default for GenerateConfig {
     fn default() -> Self {
-        Self { max_new_tokens: 256, sampling: SamplingConfig::default(), stop: Vec::new(), use_cache: true, close_within_budget: true }
+        Self {
+            max_new_tokens: 256,
+            sampling: SamplingConfig::default(),
+            stop: Vec::new(),
+            use_cache: true,
+            close_within_budget: true,
+            max_retries: 3,
+        }
     }
 }
 
@@ -91,6 +105,9 @@ pub struct Completion {
     /// The budget ran short and the closing policy, not the model, chose the last tokens.
     #[serde(default)]
     pub closed: bool,
+    /// Times this output was generated again because its JSON failed the full schema.
+    #[serde(default)]
+    pub retries: usize,
 }
 
 /// Where the time of a call went.
@@ -107,6 +124,30 @@ pub struct GenerationStats {
     /// Every mask computation, in microseconds.
     pub mask_micros: Vec<f64>,
     pub total_secs: f64,
+    /// Sequences generated again because their JSON failed the full schema.
+    #[serde(default)]
+    pub retries: usize,
+}
+
+impl GenerationStats {
+    fn absorb(&mut self, other: GenerationStats) {
+        self.steps += other.steps;
+        self.generated_tokens += other.generated_tokens;
+        self.forced_tokens += other.forced_tokens;
+        self.forward_secs += other.forward_secs;
+        self.host_secs += other.host_secs;
+        self.mask_micros.extend(other.mask_micros);
+        self.retries += other.retries;
+    }
+}
+
+/// A plain-text reasoning block the generator closes itself (see `ThinkClose`).
+#[derive(Debug, Clone)]
+struct ThinkGuard {
+    close: Vec<u32>,
+    budget: usize,
+    used: usize,
+    open: bool,
 }
 
 /// Generates batches of completions for one tokenizer.
@@ -151,6 +192,7 @@ struct Seq {
     mask_micros: Vec<f64>,
     forced: usize,
     watch: ClosingWatch,
+    think: Option<ThinkGuard>,
 }
 
 impl Generator {
@@ -201,13 +243,36 @@ impl Generator {
     /// token raises the cost by more than the margin between two measurements.
     pub fn closing_cost(&self, constraint: &Constraint, limit: usize) -> Result<Option<usize>> {
         Ok(match constraint.compile(&self.env)? {
-            Some(cc) => closing_cost(&cc.matcher(), &self.ranks, limit),
+            Some(cc) => {
+                let prefix = cc.think_close.as_ref().map(|t| t.tokens.clone()).unwrap_or_default();
+                closing_cost(&cc.matcher(), &self.ranks, limit, &prefix)
+            }
             None => None,
         })
     }
 
+    /// The reasoning budget a think-then-JSON request actually gets: at most what
+    /// `max_new_tokens` leaves after the tags and the JSON's own closing cost (and the
+    /// closing margin), so the JSON always has room.
+    fn fit_think_budget(&self, constraint: &Constraint, config: &GenerateConfig) -> Result<Constraint> {
+        let Constraint::ThinkThenJson { schema, max_think_tokens, style } = constraint else {
+            return Ok(constraint.clone());
+        };
+        if *max_think_tokens == 0 {
+            return Ok(constraint.clone());
+        }
+        let budget = config.max_new_tokens;
+        let bare = Constraint::ThinkThenJson { schema: schema.clone(), max_think_tokens: 0, style: *style };
+        let rest = self.closing_cost(&bare, budget)?.unwrap_or(budget);
+        let margin = crate::closing::MARGIN.min(budget / 4).max(1);
+        let fitted = (*max_think_tokens).min(budget.saturating_sub(rest + margin));
+        Ok(Constraint::ThinkThenJson { schema: schema.clone(), max_think_tokens: fitted, style: *style })
+    }
+
     /// Generates one completion per request. Every constraint is compiled before the
     /// first forward pass, so a bad schema fails the call without generating anything.
+    /// Finished JSON-schema outputs are validated against the full schema and regenerated
+    /// up to [`GenerateConfig::max_retries`] times when invalid.
     pub fn generate<B: Backend>(
         &self,
         model: &CausalLm<B>,
@@ -215,26 +280,102 @@ impl Generator {
         config: &GenerateConfig,
     ) -> Result<(Vec<Completion>, GenerationStats)> {
         let start = Instant::now();
+        let mut fitted: Vec<(Constraint, Constraint)> = Vec::new();
+        let mut effective = Vec::with_capacity(requests.len());
+        for (i, r) in requests.iter().enumerate() {
+            let constraint = match fitted.iter().find(|(c, _)| c == &r.constraint) {
+                Some((_, f)) => f.clone(),
+                None => {
+                    let f = self.fit_think_budget(&r.constraint, config)?;
+                    fitted.push((r.constraint.clone(), f.clone()));
+                    f
+                }
+            };
+            effective.push(Request { prompt: r.prompt.clone(), constraint, seed: Some(seed_of(r, i, config)) });
+        }
+        let (mut out, mut stats, checks) = self.generate_once(model, &effective, config)?;
+        let violation = |i: usize, c: &Completion| -> Option<String> {
+            let check = checks[i].as_ref()?;
+            matches!(c.finish, FinishReason::ConstraintComplete | FinishReason::Eos).then(|| check.violation(&c.text)).flatten()
+        };
+        let mut failing: Vec<(usize, String)> = out.iter().enumerate().filter_map(|(i, c)| violation(i, c).map(|v| (i, v))).collect();
+        let mut retry_config = config.clone();
+        if retry_config.sampling.temperature <= 0.0 {
+            retry_config.sampling.temperature = 1.0;
+        }
+        for attempt in 1..=config.max_retries as u64 {
+            if failing.is_empty() {
+                break;
+            }
+            let again: Vec<Request> = failing
+                .iter()
+                .map(|&(i, _)| {
+                    let r = &effective[i];
+                    let seed = r.seed.unwrap_or(0) ^ attempt.wrapping_mul(0xD1B5_4A32_D192_ED03);
+                    Request { prompt: r.prompt.clone(), constraint: r.constraint.clone(), seed: Some(seed) }
+                })
+                .collect();
+            let (outs, s, _) = self.generate_once(model, &again, &retry_config)?;
+            stats.absorb(s);
+            stats.retries += again.len();
+            let mut still = Vec::new();
+            for (&(i, _), o) in failing.iter().zip(outs) {
+                let retries = out[i].retries + 1;
+                out[i] = Completion { retries, ..o };
+                if let Some(v) = violation(i, &out[i]) {
+                    still.push((i, v));
+                }
+            }
+            failing = still;
+        }
+        for (i, why) in failing {
+            let named = checks[i].as_ref().map(|c| c.validated.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")).unwrap_or_default();
+            let keywords = if named.is_empty() {
+                "the grammar and the validator disagree".to_string()
+            } else {
+                format!("keywords checked only after generation: {named}")
+            };
+            let c = &mut out[i];
+            c.finish = FinishReason::ConstraintError;
+            c.error = Some(format!("constraint_error: invalid under the full schema after {} tries ({keywords}): {why}", c.retries + 1));
+        }
+        stats.total_secs = start.elapsed().as_secs_f64();
+        Ok((out, stats))
+    }
+
+    /// One pass of generation; also returns each request's full-schema check.
+    #[allow(clippy::type_complexity)]
+    fn generate_once<B: Backend>(
+        &self,
+        model: &CausalLm<B>,
+        requests: &[Request],
+        config: &GenerateConfig,
+    ) -> Result<(Vec<Completion>, GenerationStats, Vec<Option<crate::constraint::OutputCheck>>)> {
+        let start = Instant::now();
         if requests.is_empty() {
-            return Ok((Vec::new(), GenerationStats::default()));
+            return Ok((Vec::new(), GenerationStats::default(), Vec::new()));
         }
         if let Some(i) = requests.iter().position(|r| r.prompt.is_empty()) {
             return Err(DecodeError::Input(format!("request {i} has an empty prompt")));
         }
         let mut compiled: Vec<(&Constraint, Option<CompiledConstraint>)> = Vec::new();
         let mut seqs = Vec::with_capacity(requests.len());
+        let mut checks = Vec::with_capacity(requests.len());
         for (i, r) in requests.iter().enumerate() {
-            let matcher = match compiled.iter().find(|(c, _)| *c == &r.constraint) {
-                Some((_, cc)) => cc.as_ref().map(CompiledConstraint::matcher),
+            let index = match compiled.iter().position(|(c, _)| *c == &r.constraint) {
+                Some(k) => k,
                 None => {
-                    let cc = r.constraint.compile(&self.env)?;
-                    let m = cc.as_ref().map(CompiledConstraint::matcher);
-                    compiled.push((&r.constraint, cc));
-                    m
+                    compiled.push((&r.constraint, r.constraint.compile(&self.env)?));
+                    compiled.len() - 1
                 }
             };
-            let seed = r.seed.unwrap_or_else(|| config.sampling.seed.wrapping_add((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)));
+            let cc = compiled[index].1.as_ref();
+            checks.push(cc.and_then(|c| c.check.clone()));
+            let matcher = cc.map(CompiledConstraint::matcher);
+            let think = cc.and_then(|c| c.think_close.clone()).map(|t| ThinkGuard { close: t.tokens, budget: t.budget, used: 0, open: true });
+            let seed = seed_of(r, i, config);
             seqs.push(Seq {
+                think,
                 matcher,
                 rng: ChaCha8Rng::seed_from_u64(seed),
                 tokens: Vec::new(),
@@ -301,10 +442,11 @@ impl Generator {
                 finish: seq.finish.unwrap_or(FinishReason::Length),
                 error: seq.error,
                 closed: seq.watch.closing,
+                retries: 0,
             });
         }
         stats.total_secs = start.elapsed().as_secs_f64();
-        Ok((out, stats))
+        Ok((out, stats, checks))
     }
 
     /// Runs the model on every sequence's pending tokens. Returns the next-token logits of
@@ -407,20 +549,44 @@ impl Generator {
             None => None,
         };
         let remaining = config.max_new_tokens.saturating_sub(seq.tokens.len());
-        let sampled = match (&allowed, seq.matcher.as_ref()) {
-            (Some(ids), Some(m)) if config.close_within_budget && seq.watch.must_close(m, &self.ranks, remaining) => {
+        let open_think: &[u32] = match &seq.think {
+            Some(g) if g.open => &g.close,
+            _ => &[],
+        };
+        let closing = match (&allowed, seq.matcher.as_ref()) {
+            (Some(_), Some(m)) => config.close_within_budget && seq.watch.must_close(m, &self.ranks, remaining, open_think),
+            _ => false,
+        };
+        // A plain-text reasoning block ends by our hand, `</think>` written out, at its budget
+        // or when closing begins.
+        let mut extra = Vec::new();
+        let think_due = seq.think.as_ref().is_some_and(|g| g.open && (g.used >= g.budget || closing));
+        let sampled = match &allowed {
+            Some(ids) if think_due && seq.think.as_ref().is_some_and(|g| g.close.first().is_some_and(|t| ids.contains(t))) => {
+                let g = seq.think.as_mut().map(|g| {
+                    g.open = false;
+                    g.close.clone()
+                });
+                let close = g.unwrap_or_default();
+                extra = close[1..].to_vec();
+                close.first().copied()
+            }
+            Some(ids) if closing => {
                 let token = self.ranks.pick(ids, &seq.watch.uses);
                 if let Some(t) = token {
                     seq.watch.uses.add(t);
                 }
                 token
             }
-            (Some(ids), _) => sample(row, Some(ids), &config.sampling, &mut seq.rng),
-            (None, _) => sample(&row[..self.vocab.min(row.len())], None, &config.sampling, &mut seq.rng),
+            Some(ids) => sample(row, Some(ids), &config.sampling, &mut seq.rng),
+            None => sample(&row[..self.vocab.min(row.len())], None, &config.sampling, &mut seq.rng),
         };
         let Some(token) = sampled else {
             return fail(seq, "the constraint allows no token here".into());
         };
+        if let Some(g) = seq.think.as_mut().filter(|g| g.open) {
+            g.used += 1;
+        }
         seq.tokens.push(token);
         seq.logprobs.push(logprob_with_lse(row, token as usize, config.sampling.temperature, lse));
         if self.eos.contains(&token) {
@@ -428,9 +594,14 @@ impl Generator {
             return;
         }
         self.append_bytes(seq, &[token], config);
+        if seq.think.as_ref().is_some_and(|g| g.open) && ends_think(&seq.bytes) {
+            if let Some(g) = seq.think.as_mut() {
+                g.open = false;
+            }
+        }
         let mut feed = vec![token];
         if let Some(mut m) = seq.matcher.take() {
-            let result = self.follow_grammar(seq, &mut m, token, config, &mut feed);
+            let result = self.follow_grammar(seq, &mut m, token, &extra, config, &mut feed);
             seq.matcher = Some(m);
             if let Err(e) = result {
                 return fail(seq, e);
@@ -447,10 +618,24 @@ impl Generator {
     }
 
     /// Advances the matcher by the sampled token, then appends what the grammar forces.
-    fn follow_grammar(&self, seq: &mut Seq, m: &mut Matcher, token: u32, config: &GenerateConfig, feed: &mut Vec<u32>) -> std::result::Result<(), String> {
+    fn follow_grammar(&self, seq: &mut Seq, m: &mut Matcher, token: u32, extra: &[u32], config: &GenerateConfig, feed: &mut Vec<u32>) -> std::result::Result<(), String> {
         {
             if let Err(e) = m.consume_token(token) {
                 return Err(e.to_string());
+            }
+            // Tokens the generator writes itself after `token` (the rest of `</think>`).
+            let room = config.max_new_tokens.saturating_sub(seq.tokens.len());
+            let extra = &extra[..extra.len().min(room)];
+            if !extra.is_empty() && !m.is_stopped() {
+                if let Err(e) = m.consume_tokens(extra) {
+                    return Err(e.to_string());
+                }
+                seq.tokens.extend_from_slice(extra);
+                seq.logprobs.extend(std::iter::repeat_n(f32::NAN, extra.len()));
+                seq.forced += extra.len();
+                seq.unscored += extra.len();
+                self.append_bytes(seq, extra, config);
+                feed.extend_from_slice(extra);
             }
             if m.is_stopped() {
                 seq.finish.get_or_insert(FinishReason::ConstraintComplete);
@@ -465,7 +650,7 @@ impl Generator {
                     seq.tokens.extend_from_slice(&ff);
                     seq.logprobs.extend(std::iter::repeat_n(f32::NAN, ff.len()));
                     seq.forced += ff.len();
-                    seq.unscored = ff.len();
+                    seq.unscored += ff.len();
                     self.append_bytes(seq, &ff, config);
                     feed.extend_from_slice(&ff);
                     if m.is_stopped() {
@@ -497,6 +682,18 @@ impl Generator {
             seq.finish.get_or_insert(FinishReason::Stop);
         }
     }
+}
+
+/// The seed a request samples with: its own, or one derived from the config's and its index.
+fn seed_of(r: &Request, i: usize, config: &GenerateConfig) -> u64 {
+    r.seed.unwrap_or_else(|| config.sampling.seed.wrapping_add((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)))
+}
+
+/// Whether the text has reached the end of a plain-text reasoning block.
+fn ends_think(bytes: &[u8]) -> bool {
+    let close = crate::constraint::THINK_CLOSE.as_bytes();
+    let tail = &bytes[bytes.len().saturating_sub(close.len() + 64)..];
+    find(tail, close).is_some()
 }
 
 fn fail(seq: &mut Seq, message: String) {

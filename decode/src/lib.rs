@@ -10,8 +10,10 @@
 //! log-probs, [`FinishReason`]) and [`GenerationStats`].
 //!
 //! The loop inside [`Generator::generate`]:
-//! 1. compile every constraint (a schema the engine cannot enforce is an error naming the
-//!    keyword and its JSON pointer — see [`check_schema`]);
+//! 1. compile every constraint: the grammar enforces what it can express, and the keywords it
+//!    cannot (`not`, `uniqueItems`, `if`/`then`, non-exclusive `oneOf`, …) are left to
+//!    validation of the finished output against the full schema ([`schema_check`] has the
+//!    table); an invalid schema or a remote `$ref` is an error naming the JSON pointer;
 //! 2. prefill the left-padded prompts into a KV cache;
 //! 3. per step and per sequence, in parallel: compute the allowed-token mask, sample
 //!    (greedy, temperature, top-k, top-p, min-p; seeded), advance the matcher, and append
@@ -23,7 +25,10 @@
 //!    sampling and close the grammar (`GenerateConfig::close_within_budget`), so that
 //!    constrained output is complete, not cut at the length limit;
 //! 6. stop each sequence on an end-of-sequence token, a stop string, the length limit or
-//!    the end of its grammar.
+//!    the end of its grammar;
+//! 7. validate every finished JSON against the full schema; regenerate an invalid one with a
+//!    new seed, up to `GenerateConfig::max_retries` times, or end it as a constraint error
+//!    naming the keywords — constrained output is never invalid output.
 //!
 //! ```no_run
 //! use thinkjson_decode::{Constraint, GenerateConfig, Generator, Request};
@@ -47,7 +52,7 @@ mod error;
 mod generate;
 mod prompt;
 mod sampling;
-mod schema_check;
+pub mod schema_check;
 
 pub use closing::MARGIN as CLOSING_MARGIN;
 pub use constraint::{CompiledConstraint, Constraint, JsonStyle};
@@ -56,4 +61,4 @@ pub use error::{DecodeError, Result};
 pub use generate::{Completion, FinishReason, GenerateConfig, GenerationStats, Generator, Request};
 pub use prompt::chat_prompt;
 pub use sampling::{logprob_with_lse, sample, token_logprob, SamplingConfig};
-pub use schema_check::{check_schema, SUPPORTED_FORMATS, UNSUPPORTED_KEYWORDS};
+pub use schema_check::{check_schema, plan_schema, KeywordAt, Relax, SchemaPlan, GRAMMAR_FORMATS, OPENAPI_FORMATS, VALIDATED_KEYWORDS};

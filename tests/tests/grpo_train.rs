@@ -310,8 +310,9 @@ fn non_finite_values_stop_the_run_and_keep_the_last_checkpoint() {
 #[test]
 fn a_schema_the_constraint_cannot_compile_is_rejected_by_prompt() {
     let mut prompts = bool_prompts(3);
-    prompts[1].schema = json!({"type": "object", "properties": {"x": {"type": "string", "format": "no-such-format"}}});
+    // A remote reference: nothing is fetched, so the schema cannot be used.
+    prompts[1].schema = json!({"type": "object", "properties": {"x": {"$ref": "https://example.com/s.json"}}});
     let dir = tempfile::tempdir().expect("tmp");
     let err = train(small_model(1), &tokenizer(), &prompts, &match_only(), &run_in(dir.path(), bool_config(), false), &mut ()).unwrap_err();
-    assert!(err.to_string().contains("prompt p1"), "{err}");
+    assert!(err.to_string().contains("prompt p1") && err.to_string().contains("https://example.com/s.json"), "{err}");
 }

@@ -9,6 +9,7 @@ mod bench_grpo;
 mod cmd_decode;
 mod cmd_model;
 mod cmd_grpo;
+mod cmd_schemas;
 mod cmd_sft;
 mod metrics_log;
 mod model_ref;
@@ -51,8 +52,8 @@ enum Verb {
     InitModel(cmd_model::InitArgs),
     /// Generate a completion with a model, optionally constrained to a JSON Schema (--think for think-then-JSON).
     Generate(cmd_decode::GenerateArgs),
-    /// Compile every JSON Schema in a folder and report rejections by keyword; with --model, check outputs validate.
-    Schemas(cmd_decode::SchemasArgs),
+    /// Which JSON Schemas of a folder tree are accepted, per subfolder, and why others are not; with --model, check every returned output against the full schema.
+    Schemas(cmd_schemas::SchemasArgs),
     /// Generate synthetic (text, schema, object, reasoning) rows as JSONL, or print a file's variety figures.
     Synth(cmd_synth::SynthArgs),
     /// Import an external CSV/JSONL set (text, schema, object columns) into our JSONL format.
@@ -89,7 +90,7 @@ fn main() -> ExitCode {
         Verb::InitModel(a) => cmd_model::init(a),
         Verb::ImportGguf(a) => cmd_model::import_gguf(a),
         Verb::Generate(a) => cmd_decode::generate(a),
-        Verb::Schemas(a) => cmd_decode::schemas(a),
+        Verb::Schemas(a) => cmd_schemas::schemas(a),
         Verb::Synth(a) => cmd_synth::synth(a),
         Verb::Import(a) => cmd_synth::import(a),
         Verb::Eval(a) => cmd_eval::eval(a),

@@ -4,9 +4,7 @@
 
 use std::time::Instant;
 
-use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor, TensorData};
 use llguidance::Matcher;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -212,7 +210,7 @@ impl Generator {
         special.eos_ids = eos.clone();
         tok = Tokenizer::from_inner(tok.inner().clone(), special);
         let env = ConstraintEnv::new(&tok, n_vocab)?;
-        let pad = tokenizer.special().pad_id.unwrap_or(eos[0]);
+        let pad = tokenizer.pad_id_for(n_vocab);
         let ranks = ClosingRanks::new(env.trie(), &eos);
         Ok(Self { env, vocab: tokenizer.vocab_size().min(n_vocab), tokenizer: tok, eos, pad, ranks })
     }
@@ -486,23 +484,11 @@ impl Generator {
                 .map(|(r, s)| r.prompt.iter().chain(&s.tokens).copied().collect())
                 .collect();
             let batch = TokenBatch::new(&full, Padding::Left, self.pad)?;
-            let h = model.hidden_states(&batch)?;
-            let seq = batch.seq;
-            let dims = h.dims();
-            h.slice([0..dims[0], seq - width.min(seq)..seq])
+            model.hidden_tail(model.hidden_states(&batch)?, width)
         };
-        let [_, s, h] = hidden.dims();
-        let vocab = model.config().vocab_size;
+        let s = hidden.dims()[1];
         let t = if temperature > 0.0 { temperature } else { 1.0 };
-        let device = hidden.device();
-        let last = model.logits(hidden.clone().slice([0..b, s - 1..s, 0..h])).reshape([b, vocab]);
-        // logsumexp(logits / t) per row on the device: the sampled token's log-prob then
-        // costs one subtraction on the host.
-        let scaled = last.clone() / t;
-        let peak = scaled.clone().max_dim(1);
-        let lse = (scaled - peak.clone()).exp().sum_dim(1).log() + peak;
-        let lse: Vec<f32> = to_vec(lse.reshape([b]).into_data())?;
-        let last: Vec<f32> = to_vec(last.into_data())?;
+        let (last, lse) = model.last_position_scores(&hidden, t)?;
 
         // Forced tokens: logits only at the positions that predict them (the token before).
         let mut positions = Vec::new();
@@ -510,17 +496,13 @@ impl Generator {
         for (bi, seq) in seqs.iter().enumerate() {
             let n = seq.pending.len();
             for k in 0..seq.unscored {
-                positions.push((bi * s + s - seq.unscored + k - 1) as i64);
-                targets.push(seq.pending[n - seq.unscored + k] as i64);
+                positions.push(bi * s + s - seq.unscored + k - 1);
+                targets.push(seq.pending[n - seq.unscored + k]);
             }
         }
         let mut scored = vec![Vec::new(); b];
         if !positions.is_empty() {
-            let n = positions.len();
-            let rows = hidden.reshape([b * s, h]).select(0, Tensor::<B, 1, Int>::from_data(TensorData::new(positions, [n]), &device));
-            let logits = model.logits(rows.reshape([1, n, h]));
-            let targets = Tensor::<B, 3, Int>::from_data(TensorData::new(targets, [1, n, 1]), &device);
-            let lp: Vec<f32> = to_vec(log_softmax(logits / t, 2).gather(2, targets).reshape([n]).into_data())?;
+            let lp = model.hidden_logprobs(hidden, &positions, &targets, t)?;
             let mut it = lp.into_iter();
             for (bi, seq) in seqs.iter().enumerate() {
                 scored[bi] = it.by_ref().take(seq.unscored).collect();
@@ -706,8 +688,3 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
-fn to_vec(data: TensorData) -> Result<Vec<f32>> {
-    data.convert::<f32>()
-        .into_vec::<f32>()
-        .map_err(|e| DecodeError::Input(format!("reading logits back from the device: {e:?}")))
-}

@@ -47,59 +47,57 @@ pub enum RolloutConstraint {
     ThinkThenJson,
 }
 
-/// Hyper-parameters of a GRPO run. One *step* is one generation batch: `prompts_per_step`
-/// prompts × `num_generations` completions, trained on for `num_iterations` optimiser updates.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct GrpoConfig {
-    /// G: completions sampled per prompt.
-    pub num_generations: usize,
-    /// Prompts per generation batch.
-    pub prompts_per_step: usize,
-    /// Generation batches to train on (the schedule is laid out over them × `num_iterations`).
-    pub max_steps: u64,
-    pub max_completion_len: usize,
-    /// Prompts longer than this many tokens are left out (and reported) when encoding.
-    pub max_prompt_len: usize,
-    pub temperature: f32,
-    pub top_p: f32,
-    /// 0 keeps every token.
-    pub top_k: usize,
-    pub constraint: RolloutConstraint,
-    /// Think budget of `think_then_json` rollouts.
-    pub max_think_tokens: usize,
-    /// ε_low: the ratio is clipped below at `1 − epsilon_low`.
-    pub epsilon_low: f64,
-    /// ε_high: clipped above at `1 + epsilon_high` (DAPO's "clip higher" raises it).
-    pub epsilon_high: f64,
-    /// Weight of the k3 KL to the frozen reference model; 0 keeps no reference model.
-    pub beta: f64,
-    pub loss_type: LossType,
-    pub scale_rewards: ScaleRewards,
-    /// μ: optimiser updates per generation batch, each against the rollout's log-probs.
-    pub num_iterations: usize,
-    /// Completions cut by `max_completion_len` carry no loss (DAPO's overlong filtering).
-    pub mask_truncated_completions: bool,
-    /// Micro-batches a generation batch is split into for the backward passes.
-    pub grad_accum: usize,
-    pub lr: f64,
-    pub warmup_ratio: f64,
-    pub decay: Decay,
-    pub min_lr_ratio: f64,
-    pub optimizer: AdamWConfig,
-    pub rewards: RewardWeights,
-    /// Seeds the prompt order and every sampled token.
-    pub seed: u64,
-    /// Steps between checkpoints (0: only at the end).
-    pub save_every: u64,
-    /// Checkpoints kept (0 keeps all).
-    pub keep_last: usize,
-    /// Steps between logged samples of completions (0: never).
-    pub sample_every: u64,
-    /// Completions in each logged sample.
-    pub samples_logged: usize,
-    /// Vocabulary rows projected at once when scoring tokens (memory vs speed).
-    pub logprob_chunk: usize,
+thinkjson_model::trainer_config! {
+    /// Hyper-parameters of a GRPO run: the shared training fields and GRPO's own. One *step*
+    /// is one generation batch: `prompts_per_step` prompts × `num_generations` completions,
+    /// trained on for `num_iterations` optimiser updates.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    #[serde(default, deny_unknown_fields)]
+    pub struct GrpoConfig {
+        /// G: completions sampled per prompt. Default 8 (TRL's).
+        pub num_generations: usize,
+        /// Prompts per generation batch. Default 4.
+        pub prompts_per_step: usize,
+        /// Generation batches to train on (the schedule is laid out over them × `num_iterations`).
+        /// Default 100.
+        pub max_steps: u64,
+        /// Longest completion in tokens. Default 512.
+        pub max_completion_len: usize,
+        /// Prompts longer than this many tokens are left out (and reported) when encoding.
+        /// Default 1024.
+        pub max_prompt_len: usize,
+        /// Sampling temperature of the rollouts (and of the policy's log-probs). Default 1.0.
+        pub temperature: f32,
+        /// Nucleus sampling of the rollouts. Default 1.0 (off).
+        pub top_p: f32,
+        /// 0 keeps every token. Default 0.
+        pub top_k: usize,
+        /// Default `none` (free rollouts, as in TRL and the paper).
+        pub constraint: RolloutConstraint,
+        /// Think budget of `think_then_json` rollouts. Default 256.
+        pub max_think_tokens: usize,
+        /// ε_low: the ratio is clipped below at `1 − epsilon_low`. Default 0.2.
+        pub epsilon_low: f64,
+        /// ε_high: clipped above at `1 + epsilon_high` (DAPO's "clip higher" raises it). Default 0.2.
+        pub epsilon_high: f64,
+        /// Weight of the k3 KL to the frozen reference model; 0 keeps no reference model.
+        /// With LoRA the reference is the base with the adapters off. Default 0 (TRL's).
+        pub beta: f64,
+        /// Default `dapo` (TRL's).
+        pub loss_type: LossType,
+        /// Default `group`.
+        pub scale_rewards: ScaleRewards,
+        /// μ: optimiser updates per generation batch, each against the rollout's log-probs. Default 1.
+        pub num_iterations: usize,
+        /// Completions cut by `max_completion_len` carry no loss (DAPO's overlong filtering). Default false.
+        pub mask_truncated_completions: bool,
+        /// Weights of the reward functions (`[rewards]`); see `thinkjson_reward::RewardWeights`.
+        pub rewards: RewardWeights,
+        /// Steps between logged samples of completions (0: never). Default 10.
+        pub sample_every: u64,
+        /// Completions in each logged sample. Default 2.
+        pub samples_logged: usize,
+    }
 }
 
 impl Default for GrpoConfig {
@@ -135,6 +133,7 @@ impl Default for GrpoConfig {
             sample_every: 10,
             samples_logged: 2,
             logprob_chunk: 512,
+            lora: None,
         }
     }
 }
@@ -152,6 +151,7 @@ impl GrpoConfig {
 
     /// Rejects values that cannot train, naming the field.
     pub fn validate(&self) -> Result<()> {
+        self.settings().validate().map_err(|(field, reason)| GrpoError::Config { field, reason })?;
         let bad = |field: &'static str, reason: &str| Err(GrpoError::Config { field, reason: reason.into() });
         if self.num_generations < 2 {
             return bad("num_generations", "must be at least 2 (advantages compare completions of one prompt)");
@@ -188,15 +188,6 @@ impl GrpoConfig {
         }
         if self.grad_accum == 0 || self.grad_accum > self.completions_per_step() {
             return bad("grad_accum", "must be between 1 and prompts_per_step × num_generations");
-        }
-        if !(self.lr.is_finite() && self.lr > 0.0) {
-            return bad("lr", "must be a positive number");
-        }
-        if !(0.0..1.0).contains(&self.warmup_ratio) {
-            return bad("warmup_ratio", "must be in [0, 1)");
-        }
-        if self.logprob_chunk == 0 {
-            return bad("logprob_chunk", "must be at least 1");
         }
         let w = &self.rewards;
         let weights = [w.format, w.json_valid, w.schema, w.field_match, w.noise, w.length, w.feedback];

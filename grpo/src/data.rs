@@ -32,7 +32,7 @@ pub fn encode_prompts(
     let mut prompts = Vec::with_capacity(rows.len());
     let mut dropped = Vec::new();
     for row in rows {
-        let messages = thinkjson_sft::chat_messages(&row.text, &row.schema);
+        let messages = thinkjson_synth::prompt::messages_with(&row.text, &row.schema, thinkjson_model::ChatMessage::new);
         let ids = tokenizer.encode(&template.render(&messages, true)?)?;
         if ids.len() > max_prompt_len {
             dropped.push((row.id.clone(), format!("prompt has {} tokens, max_prompt_len is {max_prompt_len}", ids.len())));

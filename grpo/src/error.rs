@@ -6,7 +6,7 @@ use thinkjson_model::ModelError;
 #[derive(Debug, thiserror::Error)]
 pub enum GrpoError {
     #[error(transparent)]
-    Model(#[from] ModelError),
+    Model(ModelError),
     #[error(transparent)]
     Decode(#[from] DecodeError),
     #[error("config: field `{field}`: {reason}")]
@@ -19,6 +19,16 @@ pub enum GrpoError {
     NonFinite { step: u64, what: &'static str, value: f64 },
     #[error("training stopped at step {step}: reward function `{function}` returned {value}, which is not finite; the last checkpoint is intact")]
     NonFiniteReward { step: u64, function: String, value: f64 },
+}
+
+impl From<ModelError> for GrpoError {
+    /// The shared trainer skeleton's resume refusals stay this stage's `Resume` errors.
+    fn from(e: ModelError) -> Self {
+        match e {
+            ModelError::Resume(reason) => Self::Resume(reason),
+            other => Self::Model(other),
+        }
+    }
 }
 
 pub type Result<T, E = GrpoError> = std::result::Result<T, E>;

@@ -14,7 +14,8 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use thinkjson_decode::Generator;
-use thinkjson_model::train::{read_trainer_state, write_training_state, AdamW, Checkpoints, LrSchedule, OPTIMIZER_FILE};
+pub use thinkjson_model::train::Control;
+use thinkjson_model::train::{attach_lora, save_if_due, seed_step, start_or_resume, AdamW, RunFiles};
 use thinkjson_model::{CausalLm, ModelError, Tokenizer};
 use thinkjson_reward::{RewardSet, ValidatorCache};
 
@@ -34,6 +35,13 @@ pub struct GrpoRun {
     pub extra_files: Vec<PathBuf>,
     /// Continue from the newest checkpoint under `checkpoint_root`, if there is one.
     pub resume: bool,
+}
+
+impl GrpoRun {
+    /// The files part of the run, for the shared trainer skeleton.
+    pub fn files(&self) -> RunFiles {
+        RunFiles::new(&self.checkpoint_root, self.config.keep_last, &self.extra_files, self.resume)
+    }
 }
 
 /// Saved with every checkpoint. Every random draw (prompt order, sampled tokens) is derived
@@ -160,14 +168,6 @@ pub struct Sample {
     pub parts: BTreeMap<String, f64>,
 }
 
-/// What the caller wants after a step.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Control {
-    Continue,
-    /// End the run now, without a checkpoint (as if it were killed).
-    Stop,
-}
-
 /// Receives progress; the CLI turns it into a progress bar and JSONL files.
 pub trait Observer {
     fn on_start(&mut self, _info: &RunInfo) {}
@@ -215,9 +215,10 @@ pub fn prompts_of_step(n: usize, config: &GrpoConfig, step: u64) -> Vec<usize> {
 }
 
 /// Trains `model` with GRPO on `prompts`, scored by `rewards`. With β > 0 the model as
-/// passed in is the frozen reference (also on resume: pass the same starting weights).
+/// passed in is the frozen reference (also on resume: pass the same starting weights);
+/// with `config.lora` it is that model with its adapters switched off.
 pub fn train<B: AutodiffBackend>(
-    mut model: CausalLm<B>,
+    model: CausalLm<B>,
     tokenizer: &Tokenizer,
     prompts: &[GrpoPrompt],
     rewards: &RewardSet,
@@ -244,37 +245,20 @@ pub fn train<B: AutodiffBackend>(
     }
     let total = config.max_steps;
     let updates_total = config.total_updates();
-    let warmup = (config.warmup_ratio * updates_total as f64).ceil() as u64;
-    let schedule = LrSchedule { min_lr_ratio: config.min_lr_ratio, ..LrSchedule::new(config.lr, warmup, updates_total, config.decay) };
+    let settings = config.settings();
+    let schedule = settings.schedule(updates_total);
     let fingerprint = PlanFingerprint::of(config, prompts);
-    let checkpoints = Checkpoints::new(&run.checkpoint_root, config.keep_last);
-    let reference: Option<CausalLm<B::InnerBackend>> = (config.beta != 0.0).then(|| model.valid());
-    let mut optimizer = AdamW::<B>::new(config.optimizer);
-    let mut state = GrpoState { step: 0, updates: 0, total_steps: total, plan: fingerprint.clone() };
-    let mut resumed_from = None;
-    if !run.resume {
-        if let Some((step, dir)) = checkpoints.latest()? {
-            return Err(GrpoError::Resume(format!(
-                "{} already holds a checkpoint (step {step}, {}); resume it or use another output directory",
-                run.checkpoint_root.display(),
-                dir.display()
-            )));
-        }
-    } else if let Some((_, dir)) = checkpoints.latest()? {
-        let saved: GrpoState = read_trainer_state(&dir)?;
-        if saved.plan != fingerprint {
-            return Err(GrpoError::Resume(format!(
-                "{} was trained with a different plan ({:?}) than this run ({:?}); resume with the same prompts and settings",
-                dir.display(),
-                saved.plan,
-                fingerprint
-            )));
-        }
-        model = CausalLm::from_pretrained(&dir, &model.device())?;
-        optimizer.load(&model, &dir.join(OPTIMIZER_FILE))?;
-        state = saved;
-        resumed_from = Some(dir);
-    }
+    let model = attach_lora(model, settings.lora.as_ref(), settings.seed)?;
+    // The reference is the starting policy. With LoRA it is the base with the adapters
+    // switched off: the same weights, shared, not a second copy of the model.
+    // (TRL with PEFT does the same: the reference is the adapter-free base.)
+    let reference: Option<CausalLm<B::InnerBackend>> = (config.beta != 0.0).then(|| model.valid().without_lora());
+    let mut optimizer = AdamW::<B>::new(settings.optimizer);
+    let (mut model, resumed) = start_or_resume(model, &mut optimizer, &run.files(), &fingerprint, |s: &GrpoState| &s.plan)?;
+    let (mut state, resumed_from) = match resumed {
+        Some(r) => (r.state, Some(r.dir)),
+        None => (GrpoState { step: 0, updates: 0, total_steps: total, plan: fingerprint.clone() }, None),
+    };
     let info = RunInfo {
         total_steps: total,
         start_step: state.step,
@@ -284,7 +268,7 @@ pub fn train<B: AutodiffBackend>(
         reward_functions: rewards.names(),
     };
     observer.on_start(&info);
-    let pad_id = thinkjson_sft::pad_id(tokenizer, &model);
+    let pad_id = tokenizer.pad_id_for(model.config().vocab_size);
     let validators = ValidatorCache::new();
     let surrogate = Surrogate { epsilon_low: config.epsilon_low, epsilon_high: config.epsilon_high, beta: config.beta };
     let mut reward_means = Vec::new();
@@ -292,6 +276,7 @@ pub fn train<B: AutodiffBackend>(
     for index in state.step..total {
         let step = index + 1;
         let started = Instant::now();
+        seed_step::<B>(&model.device(), config.seed, index);
         let chosen: Vec<&GrpoPrompt> = prompts_of_step(prompts.len(), config, index).into_iter().map(|i| &prompts[i]).collect();
         let inner = model.valid();
         let rollout = sample_and_score(&inner, &generator, &chosen, rewards, &validators, config, index)?;
@@ -433,9 +418,7 @@ pub fn train<B: AutodiffBackend>(
         if observer.on_step(&metrics) == Control::Stop {
             return Ok((model, Summary { info, last_step: step, stopped_early: true, reward_means, last_checkpoint }));
         }
-        let due = step == total || (config.save_every > 0 && step.is_multiple_of(config.save_every));
-        if due {
-            let dir = checkpoints.save(step, |tmp| write_training_state(tmp, &model, &optimizer, &state, &run.extra_files))?;
+        if let Some(dir) = save_if_due(&run.files(), step, config.save_every, step == total, &model, &optimizer, &state)? {
             observer.on_checkpoint(step, &dir);
             last_checkpoint = Some(dir);
         }

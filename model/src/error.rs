@@ -46,6 +46,8 @@ pub enum ModelError {
     Template(String),
     #[error("device: {0}")]
     Device(String),
+    #[error("resume: {0}")]
+    Resume(String),
     #[error("training stopped: {0}")]
     NonFinite(String),
 }
@@ -59,7 +61,7 @@ impl ModelError {
             cause,
         }
     }
-    pub(crate) fn config(field: &str, reason: impl Into<String>) -> Self {
+    pub fn config(field: &str, reason: impl Into<String>) -> Self {
         Self::Config {
             field: field.to_string(),
             reason: reason.into(),

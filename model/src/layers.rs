@@ -9,6 +9,8 @@ use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, DType, Tensor};
 
+use crate::lora::LoraAdapter;
+
 /// RMSNorm computed like HF's: normalise in f32, cast back, then scale.
 #[derive(Module, Debug)]
 pub struct RmsNorm<B: Backend> {
@@ -43,18 +45,44 @@ pub fn project<B: Backend>(linear: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> 
     y.reshape([b, s, out])
 }
 
+/// One of the decoder's seven linear projections: the (frozen, under LoRA) base `Linear`
+/// plus an optional low-rank adapter, `y = x·W (+ b) + s·(drop(x)·A)·B`.
+#[derive(Module, Debug)]
+pub struct Projection<B: Backend> {
+    pub base: Linear<B>,
+    pub lora: Option<LoraAdapter<B>>,
+}
+
+impl<B: Backend> Projection<B> {
+    pub fn new(base: Linear<B>) -> Self {
+        Self { base, lora: None }
+    }
+
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        match &self.lora {
+            None => project(&self.base, x),
+            Some(lora) => project(&self.base, x.clone()) + lora.forward(x),
+        }
+    }
+
+    /// `[in, out]` of the base weight.
+    pub fn dims(&self) -> [usize; 2] {
+        self.base.weight.dims()
+    }
+}
+
 /// SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.
 #[derive(Module, Debug)]
 pub struct Mlp<B: Backend> {
-    pub gate_proj: Linear<B>,
-    pub up_proj: Linear<B>,
-    pub down_proj: Linear<B>,
+    pub gate_proj: Projection<B>,
+    pub up_proj: Projection<B>,
+    pub down_proj: Projection<B>,
 }
 
 impl<B: Backend> Mlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let gate = silu(project(&self.gate_proj, x.clone()));
-        project(&self.down_proj, gate * project(&self.up_proj, x))
+        let gate = silu(self.gate_proj.forward(x.clone()));
+        self.down_proj.forward(gate * self.up_proj.forward(x))
     }
 }
 
@@ -83,10 +111,10 @@ pub type LayerCache<B> = Option<(Tensor<B, 4>, Tensor<B, 4>)>;
 /// Grouped-query self-attention with optional q/k/v biases.
 #[derive(Module, Debug)]
 pub struct Attention<B: Backend> {
-    pub q_proj: Linear<B>,
-    pub k_proj: Linear<B>,
-    pub v_proj: Linear<B>,
-    pub o_proj: Linear<B>,
+    pub q_proj: Projection<B>,
+    pub k_proj: Projection<B>,
+    pub v_proj: Projection<B>,
+    pub o_proj: Projection<B>,
     #[module(skip)]
     pub num_heads: usize,
     #[module(skip)]
@@ -110,9 +138,9 @@ impl<B: Backend> Attention<B> {
         // RoPE on the contiguous [b, s, heads, d] layout, then to [b, heads, s, d]: elementwise
         // ops on the swapped (strided) view are several times slower on CPU backends.
         let heads = |t: Tensor<B, 3>, n: usize| t.reshape([b, s, n, d]);
-        let q = rope.apply(heads(project(&self.q_proj, x.clone()), h)).swap_dims(1, 2);
-        let k = rope.apply(heads(project(&self.k_proj, x.clone()), kv)).swap_dims(1, 2);
-        let v = heads(project(&self.v_proj, x), kv).swap_dims(1, 2);
+        let q = rope.apply(heads(self.q_proj.forward(x.clone()), h)).swap_dims(1, 2);
+        let k = rope.apply(heads(self.k_proj.forward(x.clone()), kv)).swap_dims(1, 2);
+        let v = heads(self.v_proj.forward(x), kv).swap_dims(1, 2);
         let (k, v) = match cache {
             Some(slot) => {
                 let (k, v) = match slot.take() {
@@ -136,7 +164,7 @@ impl<B: Backend> Attention<B> {
             ..Default::default()
         };
         let out = attention(q, k, v, mask, None, options);
-        project(&self.o_proj, out.swap_dims(1, 2).reshape([b, s, h * d]))
+        self.o_proj.forward(out.swap_dims(1, 2).reshape([b, s, h * d]))
     }
 }
 

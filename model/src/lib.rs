@@ -37,8 +37,10 @@ mod device;
 mod error;
 pub mod gguf;
 mod layers;
+pub mod lora;
 mod model;
 mod pretrained;
+mod scores;
 mod tokenizer;
 pub mod train;
 mod weights;
@@ -50,6 +52,7 @@ pub use device::{probe_cuda, CpuBackend, CpuTrainBackend, DeviceSpec};
 #[cfg(feature = "cuda")]
 pub use device::{CudaBackend, CudaBf16Backend};
 pub use error::{ModelError, Result};
+pub use lora::{LoraConfig, Target};
 pub use model::{CausalLm, KvCache};
 pub use pretrained::Pretrained;
 pub use tokenizer::{train_bpe, SpecialTokens, Tokenizer};

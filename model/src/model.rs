@@ -13,7 +13,8 @@ use crate::config::{ModelConfig, StorageDtype};
 use crate::error::{ModelError, Result};
 use crate::gguf::hf::GgufSource;
 use crate::gguf::GgufFile;
-use crate::layers::{project, Attention, DecoderLayer, LayerCache, Mlp, Rope, RmsNorm};
+use crate::layers::{project, Attention, DecoderLayer, LayerCache, Mlp, Projection, Rope, RmsNorm};
+use crate::lora::LoraConfig;
 use crate::weights::{transpose, write_atomic, write_safetensors, HfTensor, RandomSource, SafetensorsSource, WeightSource};
 
 /// A decoder-only language model (`Qwen2ForCausalLM` / `LlamaForCausalLM`).
@@ -26,6 +27,9 @@ pub struct CausalLm<B: Backend> {
     pub lm_head: Option<Linear<B>>,
     #[module(skip)]
     config: ModelConfig,
+    /// The settings of the attached LoRA adapters (`None`: none attached).
+    #[module(skip)]
+    pub(crate) lora: Option<LoraConfig>,
 }
 
 /// Keys and values of every layer plus, per sequence, which cached keys are real and the
@@ -138,18 +142,18 @@ impl<B: Backend> CausalLm<B> {
             let p = format!("model.layers.{i}");
             let bias = c.attention_bias;
             let self_attn = Attention {
-                q_proj: linear(src, &format!("{p}.self_attn.q_proj"), h, c.num_attention_heads * d, bias, device)?,
-                k_proj: linear(src, &format!("{p}.self_attn.k_proj"), h, c.num_key_value_heads * d, bias, device)?,
-                v_proj: linear(src, &format!("{p}.self_attn.v_proj"), h, c.num_key_value_heads * d, bias, device)?,
-                o_proj: linear(src, &format!("{p}.self_attn.o_proj"), c.num_attention_heads * d, h, false, device)?,
+                q_proj: Projection::new(linear(src, &format!("{p}.self_attn.q_proj"), h, c.num_attention_heads * d, bias, device)?),
+                k_proj: Projection::new(linear(src, &format!("{p}.self_attn.k_proj"), h, c.num_key_value_heads * d, bias, device)?),
+                v_proj: Projection::new(linear(src, &format!("{p}.self_attn.v_proj"), h, c.num_key_value_heads * d, bias, device)?),
+                o_proj: Projection::new(linear(src, &format!("{p}.self_attn.o_proj"), c.num_attention_heads * d, h, false, device)?),
                 num_heads: c.num_attention_heads,
                 num_kv_heads: c.num_key_value_heads,
                 head_dim: d,
             };
             let mlp = Mlp {
-                gate_proj: linear(src, &format!("{p}.mlp.gate_proj"), h, c.intermediate_size, false, device)?,
-                up_proj: linear(src, &format!("{p}.mlp.up_proj"), h, c.intermediate_size, false, device)?,
-                down_proj: linear(src, &format!("{p}.mlp.down_proj"), c.intermediate_size, h, false, device)?,
+                gate_proj: Projection::new(linear(src, &format!("{p}.mlp.gate_proj"), h, c.intermediate_size, false, device)?),
+                up_proj: Projection::new(linear(src, &format!("{p}.mlp.up_proj"), h, c.intermediate_size, false, device)?),
+                down_proj: Projection::new(linear(src, &format!("{p}.mlp.down_proj"), c.intermediate_size, h, false, device)?),
             };
             layers.push(DecoderLayer {
                 input_layernorm: norm(src, &format!("{p}.input_layernorm"), h, c.rms_norm_eps, device)?,
@@ -170,6 +174,7 @@ impl<B: Backend> CausalLm<B> {
             norm: final_norm,
             lm_head,
             config: c.clone(),
+            lora: None,
         })
     }
 
@@ -386,6 +391,11 @@ impl<B: Backend> CausalLm<B> {
     /// Saves `config.json` and `model.safetensors` in Hugging Face layout, atomically, so
     /// `transformers.AutoModelForCausalLM.from_pretrained(dir)` loads them.
     pub fn save_pretrained(&self, dir: &Path, dtype: StorageDtype) -> Result<()> {
+        if self.lora.is_some() {
+            return Err(ModelError::Input(
+                "the model has LoRA adapters: save them with `save_adapter`, or `merge_lora` first to save a full model".into(),
+            ));
+        }
         std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
         let tensors = self.hf_tensors()?;
         write_safetensors(dir, &tensors, dtype)?;
@@ -405,10 +415,10 @@ impl<B: Backend> CausalLm<B> {
             let p = format!("model.layers.{i}");
             let a = &l.self_attn;
             for (name, lin) in [("q_proj", &a.q_proj), ("k_proj", &a.k_proj), ("v_proj", &a.v_proj), ("o_proj", &a.o_proj)] {
-                push_linear(&mut out, &format!("{p}.self_attn.{name}"), lin)?;
+                push_linear(&mut out, &format!("{p}.self_attn.{name}"), &lin.base)?;
             }
             for (name, lin) in [("gate_proj", &l.mlp.gate_proj), ("up_proj", &l.mlp.up_proj), ("down_proj", &l.mlp.down_proj)] {
-                push_linear(&mut out, &format!("{p}.mlp.{name}"), lin)?;
+                push_linear(&mut out, &format!("{p}.mlp.{name}"), &lin.base)?;
             }
             out.push(host_tensor(&format!("{p}.input_layernorm.weight"), l.input_layernorm.weight.val())?);
             out.push(host_tensor(&format!("{p}.post_attention_layernorm.weight"), l.post_attention_layernorm.weight.val())?);

@@ -122,6 +122,17 @@ impl Tokenizer {
             .map_err(|e| self.error(format!("decode: {e}")))
     }
 
+    /// The id every stage pads with, for a model of `vocab_size` embedding rows: the pad
+    /// token, else the first end-of-sequence token, else 0 — the first that is a valid row.
+    /// Pads are masked out of attention and loss; only their ids must be valid.
+    pub fn pad_id_for(&self, vocab_size: usize) -> u32 {
+        [self.special.pad_id, self.special.eos_ids.first().copied()]
+            .into_iter()
+            .flatten()
+            .find(|&id| (id as usize) < vocab_size)
+            .unwrap_or(0)
+    }
+
     /// The id of a single token, if the vocabulary has it.
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)

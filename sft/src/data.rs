@@ -123,8 +123,5 @@ impl<'a> Encoder<'a> {
 
 /// `synth`'s system + user messages as chat messages.
 pub fn chat_messages(text: &str, schema: &serde_json::Value) -> Vec<ChatMessage> {
-    prompt::messages(text, schema)
-        .into_iter()
-        .map(|m| ChatMessage::new(&m.role, m.content))
-        .collect()
+    prompt::messages_with(text, schema, ChatMessage::new)
 }

@@ -6,7 +6,7 @@ use thinkjson_model::ModelError;
 #[derive(Debug, thiserror::Error)]
 pub enum SftError {
     #[error(transparent)]
-    Model(#[from] ModelError),
+    Model(ModelError),
     #[error(transparent)]
     Decode(#[from] DecodeError),
     #[error("config: field `{field}`: {reason}")]
@@ -17,6 +17,16 @@ pub enum SftError {
     Resume(String),
     #[error("training stopped at step {step}: {what} is not finite ({value}); the last checkpoint is intact")]
     NonFinite { step: u64, what: &'static str, value: f64 },
+}
+
+impl From<ModelError> for SftError {
+    /// The shared trainer skeleton's resume refusals stay this stage's `Resume` errors.
+    fn from(e: ModelError) -> Self {
+        match e {
+            ModelError::Resume(reason) => Self::Resume(reason),
+            other => Self::Model(other),
+        }
+    }
 }
 
 pub type Result<T, E = SftError> = std::result::Result<T, E>;

@@ -39,4 +39,5 @@ pub use config::SftConfig;
 pub use data::{chat_messages, EncodeReport, Encoded, Encoder, SftExample};
 pub use error::{Result, SftError};
 pub use loss::completion_loss;
-pub use trainer::{evaluate, mean_loss, pad_id, train, Control, EvalMetrics, Observer, PlanFingerprint, RunInfo, SftRun, StepMetrics, Summary, TrainerState};
+pub use thinkjson_model::train::Control;
+pub use trainer::{evaluate, mean_loss, train, EvalMetrics, Observer, PlanFingerprint, RunInfo, SftRun, StepMetrics, Summary, TrainerState};

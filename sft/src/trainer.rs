@@ -10,7 +10,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ElementConversion;
 use serde::{Deserialize, Serialize};
 use thinkjson_decode::{Constraint, GenerateConfig, Generator, Request, SamplingConfig};
-use thinkjson_model::train::{read_trainer_state, write_training_state, AdamW, Checkpoints, LrSchedule, OPTIMIZER_FILE};
+use thinkjson_model::train::{attach_lora, save_if_due, seed_step, start_or_resume, AdamW, Control, RunFiles};
 use thinkjson_model::{CausalLm, ModelError, Tokenizer};
 
 use crate::batching::{plan_steps, MicroBatch, StepPlan};
@@ -30,6 +30,13 @@ pub struct SftRun {
     pub extra_files: Vec<PathBuf>,
     /// Continue from the newest checkpoint under `checkpoint_root`, if there is one.
     pub resume: bool,
+}
+
+impl SftRun {
+    /// The files part of the run, for the shared trainer skeleton.
+    pub fn files(&self) -> RunFiles {
+        RunFiles::new(&self.checkpoint_root, self.config.keep_last, &self.extra_files, self.resume)
+    }
 }
 
 /// Saved with every checkpoint: where the run is, and what it was planned from (a resume
@@ -119,14 +126,6 @@ pub struct EvalMetrics {
     pub secs: f64,
 }
 
-/// What the caller wants after a step.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Control {
-    Continue,
-    /// End the run now, without an evaluation or a checkpoint (as if it were killed).
-    Stop,
-}
-
 /// Receives progress; the CLI turns it into a progress bar and a metrics file.
 pub trait Observer {
     fn on_start(&mut self, _info: &RunInfo) {}
@@ -154,7 +153,7 @@ pub struct Summary {
 /// under `run.checkpoint_root`, the weights, optimiser state and data position come from
 /// it and the run continues where it stopped.
 pub fn train<B: AutodiffBackend>(
-    mut model: CausalLm<B>,
+    model: CausalLm<B>,
     tokenizer: &Tokenizer,
     train: &[SftExample],
     eval: &[SftExample],
@@ -169,48 +168,20 @@ pub fn train<B: AutodiffBackend>(
     let lengths: Vec<usize> = train.iter().map(SftExample::len).collect();
     let plan = plan_steps(config, &lengths);
     let total = plan.len() as u64;
-    let warmup_steps = (config.warmup_ratio * total as f64).ceil() as u64;
-    let schedule = LrSchedule {
-        min_lr_ratio: config.min_lr_ratio,
-        ..LrSchedule::new(config.lr, warmup_steps, total, config.decay)
-    };
+    let settings = config.settings();
+    let schedule = settings.schedule(total);
+    let warmup_steps = schedule.warmup_steps;
     let fingerprint = PlanFingerprint::of(config, train);
-    let checkpoints = Checkpoints::new(&run.checkpoint_root, config.keep_last);
-    let mut optimizer = AdamW::<B>::new(config.optimizer);
-    let mut state = TrainerState {
-        step: 0,
-        total_steps: total,
-        epoch: 0,
-        examples_seen: 0,
-        tokens_seen: 0,
-        plan: fingerprint.clone(),
+    let model = attach_lora(model, settings.lora.as_ref(), settings.seed)?;
+    let mut optimizer = AdamW::<B>::new(settings.optimizer);
+    let (mut model, resumed) = start_or_resume(model, &mut optimizer, &run.files(), &fingerprint, |s: &TrainerState| &s.plan)?;
+    let (mut state, resumed_from) = match resumed {
+        Some(r) => (r.state, Some(r.dir)),
+        None => (
+            TrainerState { step: 0, total_steps: total, epoch: 0, examples_seen: 0, tokens_seen: 0, plan: fingerprint.clone() },
+            None,
+        ),
     };
-    let mut resumed_from = None;
-    if !run.resume {
-        // A fresh run among an older run's checkpoints would leave them to be picked up by
-        // a later `--resume` as if they were this run's.
-        if let Some((step, dir)) = checkpoints.latest()? {
-            return Err(SftError::Resume(format!(
-                "{} already holds a checkpoint (step {step}, {}); resume it or use another output directory",
-                run.checkpoint_root.display(),
-                dir.display()
-            )));
-        }
-    } else if let Some((_, dir)) = checkpoints.latest()? {
-        let saved: TrainerState = read_trainer_state(&dir)?;
-        if saved.plan != fingerprint {
-            return Err(SftError::Resume(format!(
-                "{} was trained with a different plan ({:?}) than this run ({:?}); resume with the same data and batching",
-                dir.display(),
-                saved.plan,
-                fingerprint
-            )));
-        }
-        model = CausalLm::from_pretrained(&dir, &model.device())?;
-        optimizer.load(&model, &dir.join(OPTIMIZER_FILE))?;
-        state = saved;
-        resumed_from = Some(dir);
-    }
     let info = RunInfo {
         total_steps: total,
         start_step: state.step,
@@ -220,13 +191,14 @@ pub fn train<B: AutodiffBackend>(
         warmup_steps,
     };
     observer.on_start(&info);
-    let pad_id = pad_id(tokenizer, &model);
+    let pad_id = tokenizer.pad_id_for(model.config().vocab_size);
     let mut losses = Vec::new();
     let mut last_checkpoint = None;
     let mut final_eval = None;
     for (index, step_plan) in plan.iter().enumerate().skip(state.step as usize) {
         let started = Instant::now();
         let lr = schedule.lr(index as u64);
+        seed_step::<B>(&model.device(), config.seed, index as u64);
         let (next, loss, report, tokens, targets) = train_step(model, &mut optimizer, train, step_plan, pad_id, lr, config, index as u64 + 1)?;
         model = next;
         let step = index as u64 + 1;
@@ -263,16 +235,12 @@ pub fn train<B: AutodiffBackend>(
             ));
         }
         let last = step == total;
-        let due = |every: u64| last || (every > 0 && step.is_multiple_of(every));
-        if due(config.eval_every) && !eval.is_empty() {
+        if (last || (config.eval_every > 0 && step.is_multiple_of(config.eval_every))) && !eval.is_empty() {
             let m = evaluate(&model, tokenizer, eval, config, step)?;
             observer.on_eval(&m);
             final_eval = Some(m);
         }
-        if due(config.save_every) {
-            let dir = checkpoints.save(step, |tmp| {
-                write_training_state(tmp, &model, &optimizer, &state, &run.extra_files)
-            })?;
+        if let Some(dir) = save_if_due(&run.files(), step, config.save_every, last, &model, &optimizer, &state)? {
             observer.on_checkpoint(step, &dir);
             last_checkpoint = Some(dir);
         }
@@ -345,7 +313,7 @@ pub fn evaluate<B: AutodiffBackend>(
 ) -> Result<EvalMetrics> {
     let started = Instant::now();
     let inner: CausalLm<B::InnerBackend> = model.valid();
-    let (loss, _) = mean_loss(&inner, pad_id(tokenizer, &inner), eval, config.batch_size, config.logprob_chunk)?;
+    let (loss, _) = mean_loss(&inner, tokenizer.pad_id_for(inner.config().vocab_size), eval, config.batch_size, config.logprob_chunk)?;
     let n = config.eval_generations.min(eval.len());
     let (mut valid_json_rate, mut format_rate) = (None, None);
     if n > 0 {
@@ -392,14 +360,4 @@ pub fn mean_loss<B: Backend>(
         count += batch.targets.len();
     }
     Ok((sum / count.max(1) as f64, count))
-}
-
-/// The tokenizer's pad id when the model's vocabulary has it, else 0: pads are masked out
-/// of attention and loss, but their ids must still be valid embedding rows.
-pub fn pad_id<B: Backend>(tokenizer: &Tokenizer, model: &CausalLm<B>) -> u32 {
-    tokenizer
-        .special()
-        .pad_id
-        .filter(|&p| (p as usize) < model.config().vocab_size)
-        .unwrap_or(0)
 }

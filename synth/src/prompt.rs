@@ -18,13 +18,16 @@ inside <answer> </answer>.";
 
 /// System + user messages for a (text, schema) pair.
 pub fn messages(text: &str, schema: &Value) -> Vec<PromptMessage> {
+    messages_with(text, schema, |role, content| PromptMessage { role: role.into(), content })
+}
+
+/// [`messages`] built by `make(role, content)` — e.g. `thinkjson_model::ChatMessage::new` —
+/// so every stage renders the one prompt written here.
+pub fn messages_with<M>(text: &str, schema: &Value, make: impl Fn(&str, String) -> M) -> Vec<M> {
     let schema = serde_json::to_string(schema).unwrap_or_default();
     vec![
-        PromptMessage { role: "system".into(), content: SYSTEM_PROMPT.into() },
-        PromptMessage {
-            role: "user".into(),
-            content: format!("Text:\n{text}\n\nJSON Schema:\n{schema}\n\nExtract the JSON object."),
-        },
+        make("system", SYSTEM_PROMPT.into()),
+        make("user", format!("Text:\n{text}\n\nJSON Schema:\n{schema}\n\nExtract the JSON object.")),
     ]
 }
 

@@ -316,3 +316,46 @@ fn a_schema_the_constraint_cannot_compile_is_rejected_by_prompt() {
     let err = train(small_model(1), &tokenizer(), &prompts, &match_only(), &run_in(dir.path(), bool_config(), false), &mut ()).unwrap_err();
     assert!(err.to_string().contains("prompt p1") && err.to_string().contains("https://example.com/s.json"), "{err}");
 }
+
+/// GRPO with LoRA and β > 0: the reference is the base with the adapters off (KL 0 at the
+/// first update, where the adapters are still zero), the base weights never change, and a
+/// killed run resumes to the uninterrupted one.
+#[test]
+fn lora_with_kl_uses_the_adapter_free_base_as_reference_and_resumes_exactly() {
+    use thinkjson_model::{LoraConfig, StorageDtype};
+    let lora = LoraConfig { r: 4, alpha: 16.0, target_modules: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()], ..LoraConfig::default() };
+    let config = GrpoConfig { max_steps: 4, save_every: 1, keep_last: 0, num_iterations: 2, beta: 0.05, lora: Some(lora), ..bool_config() };
+    let prompts = bool_prompts(5);
+    let base_bytes = |m: &CausalLm<B>| {
+        let d = tempfile::tempdir().expect("tmp");
+        m.valid().without_lora().save_pretrained(d.path(), StorageDtype::Float32).expect("save");
+        std::fs::read(d.path().join("model.safetensors")).expect("read")
+    };
+    let before = base_bytes(&small_model(4));
+    let whole_dir = tempfile::tempdir().expect("tmp");
+    let mut whole = Record::default();
+    let (trained, _) = train(small_model(4), &tokenizer(), &prompts, &match_only(), &run_in(whole_dir.path(), config.clone(), false), &mut whole).expect("whole");
+    let one = GrpoConfig { max_steps: 1, num_iterations: 1, save_every: 0, ..config.clone() };
+    let mut first_update = Record::default();
+    let d = tempfile::tempdir().expect("tmp");
+    train(small_model(4), &tokenizer(), &prompts, &match_only(), &run_in(d.path(), one, false), &mut first_update).expect("one step");
+    assert!(first_update.steps[0].kl.abs() < 1e-6, "first update: policy = base, KL {}", first_update.steps[0].kl);
+    assert!(whole.steps.iter().skip(1).any(|m| m.kl > 0.0), "the adapters move the policy away from the reference");
+    assert_eq!(base_bytes(&trained), before, "base weights are bit-identical");
+
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut first = Record { stop_after: Some(3), ..Record::default() };
+    train(small_model(4), &tokenizer(), &prompts, &match_only(), &run_in(dir.path(), config.clone(), false), &mut first).expect("first");
+    let mut second = Record::default();
+    let (resumed, s2) = train(small_model(4), &tokenizer(), &prompts, &match_only(), &run_in(dir.path(), config, true), &mut second).expect("resume");
+    assert_eq!(s2.info.start_step, 2);
+    for (a, b) in second.steps.iter().zip(&whole.steps[2..]) {
+        assert_eq!(a.reward_mean, b.reward_mean, "step {}: the same completions are sampled", a.step);
+        assert!((a.loss - b.loss).abs() <= 1e-6 * b.loss.abs().max(1.0), "step {}: loss {} vs {}", a.step, a.loss, b.loss);
+        assert!((a.kl - b.kl).abs() <= 1e-6, "step {}: KL {} vs {}", a.step, a.kl, b.kl);
+    }
+    let flat = |m: &CausalLm<B>| -> Vec<f32> { m.adapter_params().into_iter().flat_map(|(_, p)| p.val().into_data().to_vec::<f32>().expect("f32")).collect() };
+    let (w, r) = (flat(&trained), flat(&resumed));
+    let worst = w.iter().zip(&r).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    assert!(worst <= 1e-6, "adapter weights after resume differ by {worst}");
+}

@@ -55,18 +55,16 @@ pub fn dispatch_train<J: OnTrainBackend>(spec: DeviceSpec, job: J) -> Result<J::
 /// vocabulary.
 pub fn load_or_init<B: Backend>(
     model: Option<&std::path::Path>,
+    adapter: Option<&std::path::Path>,
     preset: Option<&str>,
     init_seed: u64,
     tokenizer: &thinkjson_model::Tokenizer,
     device: &B::Device,
 ) -> Result<thinkjson_model::CausalLm<B>> {
-    use anyhow::Context;
     use thinkjson_model::{CausalLm, ModelConfig};
     match (model, preset) {
-        (Some(arg), _) => {
-            let pretrained = crate::model_ref::open(arg)?;
-            pretrained.load::<B>(device).with_context(|| format!("loading {}", pretrained.path().display()))
-        }
+        (Some(arg), _) => crate::model_ref::load::<B>(&crate::model_ref::open(arg)?, adapter, device),
+        (None, Some(_)) if adapter.is_some() => anyhow::bail!("an adapter needs its base model: set `model`, not `preset`"),
         (None, Some(preset)) => {
             let config = ModelConfig::preset(preset)?.with_vocab_size(tokenizer.vocab_size());
             Ok(CausalLm::<B>::random(&config, init_seed, device)?)

@@ -108,8 +108,7 @@ fn model_suite(args: &BenchArgs, figures: &mut Vec<Figure>) -> Result<()> {
         for _ in 0..reps {
             let t = Instant::now();
             let hidden = model.hidden_states(&batch)?;
-            let last = hidden.slice([0..1, prefill_len - 1..prefill_len]);
-            let _ = model.logits(last).into_data();
+            let _ = model.last_argmax(hidden)?;
             best = best.min(t.elapsed().as_secs_f64());
         }
         push(figures, name, &format!("prefill 1x{prefill_len}"), prefill_len as f64 / best, "tokens/s");
@@ -233,8 +232,7 @@ pub fn decode_rate<B: Backend>(model: &CausalLm<B>, batch: usize, steps: usize) 
     let prompts: Vec<Vec<u32>> = (0..batch).map(|b| (0..32 - b as u32 % 4).map(|i| 100 + i + b as u32).collect()).collect();
     let mut cache = KvCache::new(batch, model.config().num_hidden_layers);
     let hidden = model.hidden_cached(&TokenBatch::new(&prompts, Padding::Left, 0)?, &mut cache)?;
-    let s = hidden.dims()[1];
-    let mut next: Vec<u32> = argmax_last(model, hidden.slice([0..batch, s - 1..s]))?;
+    let mut next: Vec<u32> = model.last_argmax(hidden)?;
     let t = Instant::now();
     for _ in 0..steps {
         let step: Vec<Option<u32>> = next.iter().map(|&t| Some(t)).collect();
@@ -242,10 +240,6 @@ pub fn decode_rate<B: Backend>(model: &CausalLm<B>, batch: usize, steps: usize) 
         next = argmax(logits)?;
     }
     Ok((batch * steps) as f64 / t.elapsed().as_secs_f64())
-}
-
-fn argmax_last<B: Backend>(model: &CausalLm<B>, hidden: thinkjson_model::burn::tensor::Tensor<B, 3>) -> Result<Vec<u32>> {
-    argmax(model.logits(hidden))
 }
 
 fn argmax<B: Backend>(logits: thinkjson_model::burn::tensor::Tensor<B, 3>) -> Result<Vec<u32>> {

@@ -17,6 +17,9 @@ pub struct GenerateArgs {
     /// embedded model name (smollm2-135m-instruct).
     #[arg(long)]
     model: PathBuf,
+    /// A PEFT LoRA adapter directory to apply to --model.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     /// The user message.
     #[arg(long)]
     prompt: String,
@@ -78,7 +81,7 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
         sampling: SamplingConfig { temperature: args.temperature, top_p: args.top_p, top_k: args.top_k, seed: args.seed, ..Default::default() },
         ..Default::default()
     };
-    let job = GenerateJob { model, tokenizer, requests: vec![Request::new(prompt, constraint)], config };
+    let job = GenerateJob { model, adapter: args.adapter.clone(), tokenizer, requests: vec![Request::new(prompt, constraint)], config };
     let (mut outs, stats) = dispatch(args.device, job)?;
     let out = outs.pop().context("no completion returned")?;
     if args.json {
@@ -116,6 +119,7 @@ fn read_json(path: &Path) -> Result<Value> {
 
 struct GenerateJob {
     model: Pretrained,
+    adapter: Option<PathBuf>,
     tokenizer: Tokenizer,
     requests: Vec<Request>,
     config: GenerateConfig,
@@ -124,7 +128,8 @@ struct GenerateJob {
 impl OnBackend for GenerateJob {
     type Output = (Vec<Completion>, thinkjson_decode::GenerationStats);
     fn run<B: Backend>(self, device: B::Device) -> Result<Self::Output> {
-        let model = self.model.load::<B>(&device).with_context(|| format!("loading {}", self.model.path().display()))?;
+        // Merged for decoding: the same function, without the adapters' extra matmuls per step.
+        let model = crate::model_ref::load::<B>(&self.model, self.adapter.as_deref(), &device)?.merge_lora();
         let generator = Generator::for_model(&self.tokenizer, &model)?;
         Ok(generator.generate(&model, &self.requests, &self.config)?)
     }

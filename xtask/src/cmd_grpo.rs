@@ -11,9 +11,10 @@ use indicatif::ProgressBar;
 use serde::{Deserialize, Serialize};
 use thinkjson_grpo::{Control, GrpoConfig, GrpoPrompt, GrpoRun, Observer, Rollout, RunInfo, Sample, StepMetrics};
 use thinkjson_model::burn::tensor::backend::AutodiffBackend;
-use thinkjson_model::{DeviceSpec, StorageDtype, Tokenizer};
+use thinkjson_model::{DeviceSpec, LoraConfig, Tokenizer};
 use thinkjson_reward::{FeedbackReward, Review, RewardSet};
 
+use crate::train_common::LoraArgs;
 use crate::backend::{dispatch_train, load_or_init, tokenizer_dir, tokenizer_files, OnTrainBackend};
 use crate::cmd_decode::chat_template;
 use crate::cmd_sft::read_rows;
@@ -63,6 +64,8 @@ pub struct GrpoArgs {
     max_completion_len: Option<usize>,
     #[arg(long)]
     seed: Option<u64>,
+    #[command(flatten)]
+    lora: LoraArgs,
     /// Print the run summary as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -75,6 +78,10 @@ pub struct GrpoFile {
     pub model: Option<PathBuf>,
     pub preset: Option<String>,
     pub init_seed: u64,
+    /// A PEFT LoRA adapter on `model` to start from (and train).
+    pub adapter: Option<PathBuf>,
+    /// LoRA instead of full fine-tuning (also accepted as `[train.lora]`).
+    pub lora: Option<LoraConfig>,
     /// Tokenizer directory when the model has none (presets).
     pub tokenizer: PathBuf,
     pub data: Option<PathBuf>,
@@ -92,6 +99,8 @@ impl Default for GrpoFile {
             model: None,
             preset: None,
             init_seed: 0,
+            adapter: None,
+            lora: None,
             tokenizer: PathBuf::from("assets/qwen"),
             data: None,
             max_prompts: 0,
@@ -105,8 +114,7 @@ impl Default for GrpoFile {
 
 impl GrpoFile {
     pub fn read(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.to_string().trim()))
+        crate::train_common::read_config(path)
     }
 
     fn apply(&mut self, a: &GrpoArgs) {
@@ -122,6 +130,7 @@ impl GrpoFile {
             self.model = a.model.clone();
             self.preset = None;
         }
+        a.lora.apply(&mut self.lora, &mut self.adapter);
         if a.preset.is_some() {
             self.preset = a.preset.clone();
             self.model = None;
@@ -152,10 +161,11 @@ pub fn grpo(args: GrpoArgs) -> Result<()> {
         crate::print_out(&serde_json::to_string_pretty(&summary)?)?;
     } else {
         eprintln!(
-            "grpo: {} steps, reward {:.3} → {:.3}, final model in {}",
+            "grpo: {} steps, reward {:.3} → {:.3}, final {} in {}",
             summary.last_step,
             summary.first_reward.unwrap_or(f64::NAN),
             summary.last_reward.unwrap_or(f64::NAN),
+            crate::train_common::final_kind(&summary.final_model),
             summary.final_model.display()
         );
     }
@@ -164,6 +174,9 @@ pub fn grpo(args: GrpoArgs) -> Result<()> {
 
 /// Runs the GRPO stage `file` describes (also the pipeline's GRPO stage).
 pub fn run_grpo(file: &GrpoFile, resume: bool, export_samples: Option<&Path>) -> Result<RunSummary> {
+    let mut file = file.clone();
+    crate::train_common::resolve_lora(&file.lora, &mut file.train.lora)?;
+    let file = &file;
     file.train.validate()?;
     let device: DeviceSpec = file.device.parse()?;
     let Some(data) = file.data.clone() else {
@@ -245,7 +258,7 @@ struct GrpoJob {
 impl OnTrainBackend for GrpoJob {
     type Output = RunSummary;
     fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<RunSummary> {
-        let model = load_or_init::<B>(self.file.model.as_deref(), self.file.preset.as_deref(), self.file.init_seed, &self.tokenizer, &device)?;
+        let model = load_or_init::<B>(self.file.model.as_deref(), self.file.adapter.as_deref(), self.file.preset.as_deref(), self.file.init_seed, &self.tokenizer, &device)?;
         let metrics_path = self.file.out.join("metrics.jsonl");
         let mut observer = CliObserver {
             metrics: MetricsLog::new(&metrics_path),
@@ -256,12 +269,7 @@ impl OnTrainBackend for GrpoJob {
         let (model, summary) = thinkjson_grpo::train(model, &self.tokenizer, &self.prompts, &self.rewards, &self.run, &mut observer)?;
         observer.bar.finish_and_clear();
         let final_dir = self.file.out.join("final");
-        model.save_pretrained(&final_dir, StorageDtype::Float32)?;
-        for src in &self.run.extra_files {
-            if let Some(name) = src.file_name() {
-                std::fs::copy(src, final_dir.join(name)).with_context(|| format!("copying {}", src.display()))?;
-            }
-        }
+        crate::train_common::save_final(&model, &final_dir, &self.run.extra_files, self.file.model.as_deref())?;
         Ok(RunSummary {
             last_step: summary.last_step,
             total_steps: summary.info.total_steps,

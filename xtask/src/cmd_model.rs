@@ -15,6 +15,9 @@ pub struct LogitsArgs {
     /// An HF model directory, a GGUF file, or an embedded model name (smollm2-135m-instruct).
     #[arg(long)]
     model: PathBuf,
+    /// A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) to apply.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     /// Comma-separated token ids, e.g. 1,2,3.
     #[arg(long)]
     tokens: String,
@@ -26,7 +29,7 @@ pub struct LogitsArgs {
 pub fn logits(args: LogitsArgs) -> Result<()> {
     let tokens = parse_tokens(&args.tokens)?;
     let model = crate::model_ref::open(&args.model)?;
-    let rows = dispatch(args.device, LogitsJob { model, tokens })?;
+    let rows = dispatch(args.device, LogitsJob { model, adapter: args.adapter, tokens })?;
     crate::print_out(&serde_json::json!({ "logits": rows }).to_string())
 }
 
@@ -45,16 +48,14 @@ fn parse_tokens(s: &str) -> Result<Vec<u32>> {
 
 struct LogitsJob {
     model: Pretrained,
+    adapter: Option<PathBuf>,
     tokens: Vec<u32>,
 }
 
 impl OnBackend for LogitsJob {
     type Output = Vec<Vec<f32>>;
     fn run<B: Backend>(self, device: B::Device) -> Result<Self::Output> {
-        let model = self
-            .model
-            .load::<B>(&device)
-            .with_context(|| format!("loading {}", self.model.path().display()))?;
+        let model = crate::model_ref::load::<B>(&self.model, self.adapter.as_deref(), &device)?;
         let batch = TokenBatch::new(&[self.tokens], Padding::Right, 0)?;
         let logits = model.forward(&batch)?;
         let [_, seq, vocab] = logits.dims();
@@ -129,11 +130,7 @@ pub struct ImportGgufArgs {
 }
 
 pub fn import_gguf(args: ImportGgufArgs) -> Result<()> {
-    let dtype = match args.dtype.as_str() {
-        "f32" | "float32" => StorageDtype::Float32,
-        "bf16" | "bfloat16" => StorageDtype::Bfloat16,
-        other => bail!("--dtype: `{other}` (f32 or bf16)"),
-    };
+    let dtype = storage_dtype(&args.dtype)?;
     let path = match crate::model_ref::open(&args.input)? {
         Pretrained::Gguf(g) => g.path().to_path_buf(),
         Pretrained::HfDir(dir) => bail!("--in {}: a directory; import-gguf reads a GGUF file", dir.display()),
@@ -157,5 +154,45 @@ pub fn import_gguf(args: ImportGgufArgs) -> Result<()> {
             args.out.display()
         );
         Ok(())
+    }
+}
+
+#[derive(Args)]
+pub struct MergeLoraArgs {
+    /// The base model the adapter was trained on: an HF directory, a GGUF file or an embedded name.
+    #[arg(long)]
+    model: PathBuf,
+    /// The PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors).
+    #[arg(long)]
+    adapter: PathBuf,
+    /// Output directory: a full HF model (config.json, model.safetensors, tokenizer files).
+    #[arg(long)]
+    out: PathBuf,
+    /// Storage dtype of model.safetensors: f32 or bf16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+}
+
+/// `W ← W + (alpha / r)·B·A` for every adapted projection, saved as a plain HF model.
+pub fn merge_lora(args: MergeLoraArgs) -> Result<()> {
+    let dtype = storage_dtype(&args.dtype)?;
+    let l = crate::train_common::write_merged(&args.model, &args.adapter, &args.out, dtype)?;
+    eprintln!(
+        "merged LoRA r={} alpha={} ({}) into {}: {}",
+        l.r,
+        l.alpha,
+        l.target_modules.join(","),
+        args.model.display(),
+        args.out.display()
+    );
+    Ok(())
+}
+
+/// `--dtype` of the verbs that write safetensors: f32 or bf16.
+fn storage_dtype(arg: &str) -> Result<StorageDtype> {
+    match arg {
+        "f32" | "float32" => Ok(StorageDtype::Float32),
+        "bf16" | "bfloat16" => Ok(StorageDtype::Bfloat16),
+        other => bail!("--dtype: `{other}` (f32 or bf16)"),
     }
 }

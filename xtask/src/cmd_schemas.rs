@@ -25,6 +25,9 @@ pub struct SchemasArgs {
     /// every returned output against the full schema with `jsonschema`.
     #[arg(long)]
     model: Option<PathBuf>,
+    /// A PEFT LoRA adapter directory to apply to --model.
+    #[arg(long, requires = "model")]
+    adapter: Option<PathBuf>,
     /// Tokenizer to compile against without --model (default: the committed Qwen one).
     #[arg(long, default_value = "assets/qwen")]
     tokenizer: PathBuf,
@@ -184,7 +187,7 @@ fn generate_all(args: &SchemasArgs, model: Pretrained, tokenizer: &Tokenizer, ac
         sampling: SamplingConfig { temperature: args.temperature, seed: args.seed, ..Default::default() },
         ..Default::default()
     };
-    let job = SchemaRunJob { model, tokenizer: tokenizer.clone(), requests, config, batch: args.batch.max(1) };
+    let job = SchemaRunJob { model, adapter: args.adapter.clone(), tokenizer: tokenizer.clone(), requests, config, batch: args.batch.max(1) };
     let (outs, masks) = dispatch(args.device, job)?;
     for ((a, out), masks) in chosen.iter().zip(&outs).zip(masks) {
         let Some(f) = folders.get_mut(&a.folder) else { continue };
@@ -300,6 +303,7 @@ fn collect_json(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
 
 struct SchemaRunJob {
     model: Pretrained,
+    adapter: Option<PathBuf>,
     tokenizer: Tokenizer,
     requests: Vec<Request>,
     config: GenerateConfig,
@@ -310,7 +314,7 @@ impl OnBackend for SchemaRunJob {
     /// Each completion and the mask times of its batch (attributed to every member).
     type Output = (Vec<Completion>, Vec<Vec<f64>>);
     fn run<B: Backend>(self, device: B::Device) -> Result<Self::Output> {
-        let model = self.model.load::<B>(&device).with_context(|| format!("loading {}", self.model.path().display()))?;
+        let model = crate::model_ref::load::<B>(&self.model, self.adapter.as_deref(), &device)?.merge_lora();
         let generator = Generator::for_model(&self.tokenizer, &model)?;
         let bar = indicatif::ProgressBar::new(self.requests.len() as u64);
         let mut outs = Vec::with_capacity(self.requests.len());

@@ -8,10 +8,11 @@ use clap::Args;
 use indicatif::ProgressBar;
 use serde::{Deserialize, Serialize};
 use thinkjson_model::burn::tensor::backend::AutodiffBackend;
-use thinkjson_model::{DeviceSpec, StorageDtype, Tokenizer};
+use thinkjson_model::{DeviceSpec, LoraConfig, Tokenizer};
 use thinkjson_sft::{Control, Encoder, EvalMetrics, Observer, RunInfo, SftConfig, SftExample, SftRun, StepMetrics};
 use thinkjson_synth::Row;
 
+use crate::train_common::LoraArgs;
 use crate::backend::{dispatch_train, load_or_init, tokenizer_dir, tokenizer_files, OnTrainBackend};
 use crate::cmd_decode::chat_template;
 use crate::metrics_log::MetricsLog;
@@ -60,6 +61,8 @@ pub struct SftArgs {
     packing: bool,
     #[arg(long)]
     seed: Option<u64>,
+    #[command(flatten)]
+    lora: LoraArgs,
     /// Print the run summary as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -73,6 +76,10 @@ pub struct SftFile {
     pub preset: Option<String>,
     /// Seed of the random weights when starting from a preset.
     pub init_seed: u64,
+    /// A PEFT LoRA adapter on `model` to start from (and train).
+    pub adapter: Option<PathBuf>,
+    /// LoRA instead of full fine-tuning (also accepted as `[train.lora]`).
+    pub lora: Option<LoraConfig>,
     /// Tokenizer directory when the model has none (presets): tokenizer.json + tokenizer_config.json.
     pub tokenizer: PathBuf,
     pub data: Option<PathBuf>,
@@ -90,6 +97,8 @@ impl Default for SftFile {
             model: None,
             preset: None,
             init_seed: 0,
+            adapter: None,
+            lora: None,
             tokenizer: PathBuf::from("assets/qwen"),
             data: None,
             eval_data: None,
@@ -103,8 +112,7 @@ impl Default for SftFile {
 
 impl SftFile {
     pub fn read(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.to_string().trim()))
+        crate::train_common::read_config(path)
     }
 
     fn apply(&mut self, a: &SftArgs) {
@@ -120,6 +128,7 @@ impl SftFile {
             self.model = a.model.clone();
             self.preset = None;
         }
+        a.lora.apply(&mut self.lora, &mut self.adapter);
         if a.preset.is_some() {
             self.preset = a.preset.clone();
             self.model = None;
@@ -154,9 +163,10 @@ pub fn sft(args: SftArgs) -> Result<()> {
         crate::print_out(&serde_json::to_string_pretty(&summary)?)?;
     } else {
         eprintln!(
-            "sft: {} steps, last loss {:.4}, final model in {}",
+            "sft: {} steps, last loss {:.4}, final {} in {}",
             summary.last_step,
             summary.last_loss.unwrap_or(f64::NAN),
+            crate::train_common::final_kind(&summary.final_model),
             summary.final_model.display()
         );
     }
@@ -165,6 +175,9 @@ pub fn sft(args: SftArgs) -> Result<()> {
 
 /// Runs the SFT stage `file` describes (also the pipeline's SFT stage).
 pub fn run_sft(file: &SftFile, resume: bool) -> Result<RunSummary> {
+    let mut file = file.clone();
+    crate::train_common::resolve_lora(&file.lora, &mut file.train.lora)?;
+    let file = &file;
     file.train.validate()?;
     let device: DeviceSpec = file.device.parse()?;
     let Some(data) = file.data.clone() else {
@@ -248,18 +261,13 @@ struct SftJob {
 impl OnTrainBackend for SftJob {
     type Output = RunSummary;
     fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<RunSummary> {
-        let model = load_or_init::<B>(self.file.model.as_deref(), self.file.preset.as_deref(), self.file.init_seed, &self.tokenizer, &device)?;
+        let model = load_or_init::<B>(self.file.model.as_deref(), self.file.adapter.as_deref(), self.file.preset.as_deref(), self.file.init_seed, &self.tokenizer, &device)?;
         let metrics_path = self.file.out.join("metrics.jsonl");
         let mut observer = CliObserver::new(&metrics_path)?;
         let (model, summary) = thinkjson_sft::train(model, &self.tokenizer, &self.train, &self.eval, &self.run, &mut observer)?;
         observer.finish();
         let final_dir = self.file.out.join("final");
-        model.save_pretrained(&final_dir, StorageDtype::Float32)?;
-        for src in &self.run.extra_files {
-            if let Some(name) = src.file_name() {
-                std::fs::copy(src, final_dir.join(name)).with_context(|| format!("copying {}", src.display()))?;
-            }
-        }
+        crate::train_common::save_final(&model, &final_dir, &self.run.extra_files, self.file.model.as_deref())?;
         Ok(RunSummary {
             last_step: summary.last_step,
             total_steps: summary.info.total_steps,
@@ -348,5 +356,23 @@ mod tests {
         file.train.validate().unwrap();
         assert_eq!(file.preset.as_deref(), Some("tiny"));
         assert_eq!(file.train.max_steps, Some(200));
+    }
+
+    #[test]
+    fn committed_lora_config_reads_its_lora_table() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/sft-smollm2-lora.toml");
+        let mut file = SftFile::read(&path).unwrap();
+        crate::train_common::resolve_lora(&file.lora, &mut file.train.lora).unwrap();
+        file.train.validate().unwrap();
+        let lora = file.train.lora.expect("[lora]");
+        assert_eq!((lora.r, lora.alpha), (16, 32.0));
+        assert_eq!(lora.targets().unwrap().len(), 7);
+        // `[lora]` and `[train.lora]` together are refused, not merged silently.
+        let mut both: SftFile = toml::from_str("[lora]\nr = 4\n[train.lora]\nr = 8\n").unwrap();
+        let err = crate::train_common::resolve_lora(&both.lora, &mut both.train.lora).unwrap_err().to_string();
+        assert!(err.contains("set twice"), "{err}");
+        // Unknown LoRA keys are errors naming the key.
+        let bad = toml::from_str::<SftFile>("[lora]\nrank = 4\n").unwrap_err().to_string();
+        assert!(bad.contains("rank"), "{bad}");
     }
 }

@@ -13,6 +13,7 @@ mod cmd_schemas;
 mod cmd_sft;
 mod metrics_log;
 mod model_ref;
+mod train_common;
 mod pipeline;
 mod cmd_eval;
 mod cmd_synth;
@@ -48,6 +49,8 @@ enum Verb {
     Logits(cmd_model::LogitsArgs),
     /// Convert a GGUF file (llama or qwen2) into a Hugging Face directory that transformers loads.
     ImportGguf(cmd_model::ImportGgufArgs),
+    /// Fold a PEFT LoRA adapter into its base model and save a full Hugging Face model.
+    MergeLora(cmd_model::MergeLoraArgs),
     /// Initialise a model from a preset with seeded random weights and save it in HF layout.
     InitModel(cmd_model::InitArgs),
     /// Generate a completion with a model, optionally constrained to a JSON Schema (--think for think-then-JSON).
@@ -88,6 +91,7 @@ fn main() -> ExitCode {
     let result = match cli.verb {
         Verb::Logits(a) => cmd_model::logits(a),
         Verb::InitModel(a) => cmd_model::init(a),
+        Verb::MergeLora(a) => cmd_model::merge_lora(a),
         Verb::ImportGguf(a) => cmd_model::import_gguf(a),
         Verb::Generate(a) => cmd_decode::generate(a),
         Verb::Schemas(a) => cmd_schemas::schemas(a),

@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use thinkjson_model::gguf::tokenizer::GgufTokenizer;
-use thinkjson_model::{ModelConfig, Pretrained};
+use thinkjson_model::burn::tensor::backend::Backend;
+use thinkjson_model::{CausalLm, ModelConfig, Pretrained};
 
 /// Models that ship with the repository, by name: (name, file under the repository root).
 pub const EMBEDDED: &[(&str, &str)] = &[(
@@ -57,5 +58,17 @@ pub fn tokenizer_dir(model: &Pretrained, dir: &Path) -> Result<PathBuf> {
             write("tokenizer_config.json", &tok.tokenizer_config(&config))?;
             Ok(dir.to_path_buf())
         }
+    }
+}
+
+/// Loads `model` onto `device` and, with `adapter`, attaches the PEFT LoRA adapter in that
+/// directory (refused, with the reason, when it was made for another base).
+pub fn load<B: Backend>(model: &Pretrained, adapter: Option<&Path>, device: &B::Device) -> Result<CausalLm<B>> {
+    let base = model.load::<B>(device).with_context(|| format!("loading {}", model.path().display()))?;
+    match adapter {
+        None => Ok(base),
+        Some(dir) => base
+            .load_adapter(dir)
+            .with_context(|| format!("loading the adapter {} onto {}", dir.display(), model.path().display())),
     }
 }

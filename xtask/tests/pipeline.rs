@@ -192,3 +192,27 @@ fn bad_configs_fail_before_any_work_naming_the_problem() {
         assert!(!out.join("manifests").exists(), "{text}: work started");
     }
 }
+
+/// `[lora]` trains adapters in both stages; each stage's adapter is merged into `merged/`,
+/// which the next stage and the evaluation read.
+#[test]
+fn a_lora_pipeline_trains_adapters_and_merges_them_for_the_next_stage() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let out = dir.path().join("run");
+    let cfg = dir.path().join("p.toml");
+    let config = format!("{}[lora]\nr = 4\nalpha = 8.0\ntarget_modules = [\"q_proj\", \"v_proj\", \"up_proj\"]\n", reduced_config(&out, 2, 1));
+    std::fs::write(&cfg, config).expect("config");
+    let o = run(&["pipeline", "--config", cfg.to_str().expect("utf-8")]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for stage in ["sft", "grpo"] {
+        let adapter = out.join(stage).join("final");
+        let text = std::fs::read_to_string(adapter.join("adapter_config.json")).expect("the stage saved an adapter");
+        let cfg: serde_json::Value = serde_json::from_str(&text).expect("adapter config");
+        assert_eq!(cfg["r"], 4, "{stage}");
+        assert!(!adapter.join("model.safetensors").exists(), "{stage}: no full model in final/");
+        for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+            assert!(out.join(stage).join("merged").join(f).exists(), "{stage}/merged/{f}");
+        }
+    }
+    assert_eq!(manifest(&out, "eval")["finished"], true);
+}

@@ -96,8 +96,9 @@ impl Checkpoints {
     }
 }
 
-/// Writes model (f32, HF layout), optimiser state, trainer state and copies of `extra_files`
-/// (tokenizer files, so the directory is a complete model) into `dir`.
+/// Writes the model (f32, HF layout — or with LoRA the PEFT adapter alone), optimiser
+/// state, trainer state and copies of `extra_files` (tokenizer files, so the directory is a
+/// complete model) into `dir`.
 pub fn write_training_state<B: AutodiffBackend, S: Serialize>(
     dir: &Path,
     model: &CausalLm<B>,
@@ -105,7 +106,11 @@ pub fn write_training_state<B: AutodiffBackend, S: Serialize>(
     state: &S,
     extra_files: &[PathBuf],
 ) -> Result<()> {
-    model.save_pretrained(dir, StorageDtype::Float32)?;
+    if model.lora_config().is_some() {
+        model.save_adapter(dir, None)?;
+    } else {
+        model.save_pretrained(dir, StorageDtype::Float32)?;
+    }
     optimizer.save(model, &dir.join(OPTIMIZER_FILE))?;
     for src in extra_files {
         if let Some(name) = src.file_name() {

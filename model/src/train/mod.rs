@@ -9,11 +9,18 @@
 //! 2. [`AdamW::step`] with `schedule.lr(step)` — it measures the global norm, refuses
 //!    non-finite gradients, clips and updates;
 //! 3. every so often, [`Checkpoints::save`] with [`write_training_state`].
+//!
+//! [`start_or_resume`] and [`save_if_due`] are the skeleton around that loop: fresh run or
+//! exact resume (full weights, or LoRA adapters onto the frozen base), and checkpoints.
 
 mod adamw;
 mod checkpoint;
+mod config;
 mod schedule;
+mod session;
 
 pub use adamw::{AdamW, AdamWConfig, StepReport};
 pub use checkpoint::{read_trainer_state, write_training_state, Checkpoints, OPTIMIZER_FILE, TRAINER_STATE_FILE};
+pub use config::TrainSettings;
 pub use schedule::{Decay, LrSchedule};
+pub use session::{attach_lora, restore_model, save_if_due, seed_step, start_or_resume, Control, Resumed, RunFiles};

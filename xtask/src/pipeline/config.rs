@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use thinkjson_grpo::{GrpoConfig, RolloutConstraint};
 use thinkjson_model::train::{AdamWConfig, Decay};
+use thinkjson_model::LoraConfig;
 use thinkjson_sft::SftConfig;
 use thinkjson_synth::ReasoningStyle;
 
@@ -21,6 +22,10 @@ pub struct PipelineFile {
     pub sft: SftConfig,
     pub grpo: GrpoConfig,
     pub eval: EvalSection,
+    /// LoRA for both training stages (each may set its own as `[sft.lora]` / `[grpo.lora]`).
+    /// After a LoRA stage the pipeline merges the adapter into `merged/` for the next stage
+    /// and the evaluation. Default: none (full fine-tuning).
+    pub lora: Option<LoraConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -116,6 +121,7 @@ impl Default for PipelineFile {
                 ..GrpoConfig::default()
             },
             eval: EvalSection::default(),
+            lora: None,
         }
     }
 }

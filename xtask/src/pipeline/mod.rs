@@ -22,6 +22,7 @@ use manifest::Manifest;
 
 use crate::cmd_grpo::GrpoFile;
 use crate::cmd_sft::SftFile;
+use crate::train_common::stage_model;
 
 #[derive(Args)]
 pub struct PipelineArgs {
@@ -119,29 +120,15 @@ pub fn pipeline(args: PipelineArgs) -> Result<()> {
     Ok(())
 }
 
-/// Reads a config as changes to the embedded defaults: a `[sft]` table that sets only
-/// `epochs` keeps the embedded learning rate, not `SftConfig`'s.
+/// Reads a pipeline config as changes to the embedded defaults, then gives `[lora]` to both
+/// training stages unless a stage has its own.
 fn read_config(path: &Path) -> Result<PipelineFile> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let named = |e: toml::de::Error| anyhow::anyhow!("{}: {}", path.display(), e.to_string().trim());
-    // Parsed on its own first, so unknown fields and wrong types are reported with their line.
-    toml::from_str::<PipelineFile>(&text).map_err(named)?;
-    let given: toml::Table = toml::from_str(&text).map_err(named)?;
-    let mut merged = toml::Table::try_from(PipelineFile::default()).context("the embedded defaults")?;
-    overlay(&mut merged, given);
-    toml::Value::Table(merged).try_into().map_err(named)
-}
-
-/// Writes `given` over `base`, table by table.
-fn overlay(base: &mut toml::Table, given: toml::Table) {
-    for (key, value) in given {
-        match (base.get_mut(&key), value) {
-            (Some(toml::Value::Table(b)), toml::Value::Table(g)) => overlay(b, g),
-            (_, value) => {
-                base.insert(key, value);
-            }
-        }
+    let mut file: PipelineFile = crate::train_common::read_config(path)?;
+    if let Some(lora) = file.lora.take() {
+        file.sft.lora.get_or_insert_with(|| lora.clone());
+        file.grpo.lora.get_or_insert(lora);
     }
+    Ok(file)
 }
 
 /// Everything that can be checked before any work: stage names, hyper-parameters, the
@@ -217,8 +204,8 @@ fn inputs_of(file: &PipelineFile, stage: &str) -> Vec<PathBuf> {
             inputs
         }
         "sft" => vec![stages::split_path(out, Split::Sft), stages::split_path(out, Split::Eval), stages::base_dir(file)],
-        "grpo" => vec![stages::split_path(out, Split::Grpo), out.join("sft").join("final")],
-        "eval" => vec![stages::split_path(out, Split::Eval), out.join("grpo").join("final")],
+        "grpo" => vec![stages::split_path(out, Split::Grpo), stage_model(&out.join("sft"))],
+        "eval" => vec![stages::split_path(out, Split::Eval), stage_model(&out.join("grpo"))],
         _ => Vec::new(),
     }
 }
@@ -258,11 +245,13 @@ fn run_stage(file: &PipelineFile, stage: &str, resume: bool) -> Result<Value> {
                 train: file.sft.clone(),
                 ..SftFile::default()
             };
-            Ok(serde_json::to_value(crate::cmd_sft::run_sft(&sft, resume)?)?)
+            let summary = crate::cmd_sft::run_sft(&sft, resume)?;
+            merge_if_adapter(&stages::base_dir(file), &out.join("sft"))?;
+            Ok(serde_json::to_value(summary)?)
         }
         "grpo" => {
             let grpo = GrpoFile {
-                model: Some(out.join("sft").join("final")),
+                model: Some(stage_model(&out.join("sft"))),
                 preset: None,
                 tokenizer: stages::tokenizer_dir(file),
                 data: Some(stages::split_path(out, Split::Grpo)),
@@ -271,19 +260,31 @@ fn run_stage(file: &PipelineFile, stage: &str, resume: bool) -> Result<Value> {
                 train: file.grpo.clone(),
                 ..GrpoFile::default()
             };
-            Ok(serde_json::to_value(crate::cmd_grpo::run_grpo(&grpo, resume, None)?)?)
+            let summary = crate::cmd_grpo::run_grpo(&grpo, resume, None)?;
+            merge_if_adapter(&stage_model(&out.join("sft")), &out.join("grpo"))?;
+            Ok(serde_json::to_value(summary)?)
         }
         "eval" => {
             let models = [
                 ("base", stages::base_dir(file)),
-                ("sft", out.join("sft").join("final")),
-                ("sft+grpo", out.join("grpo").join("final")),
+                ("sft", stage_model(&out.join("sft"))),
+                ("sft+grpo", stage_model(&out.join("grpo"))),
             ];
             let curves = [("sft", out.join("sft").join("metrics.jsonl")), ("grpo", out.join("grpo").join("metrics.jsonl"))];
             eval_stage::run(file, &eval_stage::systems(&models), &curves, resume)
         }
         other => bail!("unknown stage {other}"),
     }
+}
+
+/// After a LoRA stage, `stage_dir/final` is an adapter: the next stages read the full
+/// model `stage_dir/merged` (base + adapter).
+fn merge_if_adapter(base: &Path, stage_dir: &Path) -> Result<()> {
+    let adapter = stage_dir.join("final");
+    if adapter.join(thinkjson_model::lora::peft::ADAPTER_CONFIG_FILE).exists() {
+        crate::train_common::write_merged(base, &adapter, &stage_dir.join("merged"), thinkjson_model::StorageDtype::Float32)?;
+    }
+    Ok(())
 }
 
 fn print_summary(file: &PipelineFile, outcomes: &[Outcome], secs: f64) {

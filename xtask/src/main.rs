@@ -8,6 +8,7 @@ mod bench_gpu;
 mod bench_grpo;
 mod cmd_decode;
 mod cmd_model;
+mod cmd_predict;
 mod cmd_grpo;
 mod cmd_schemas;
 mod cmd_sft;
@@ -61,6 +62,8 @@ enum Verb {
     Synth(cmd_synth::SynthArgs),
     /// Import an external CSV/JSONL set (text, schema, object columns) into our JSONL format.
     Import(cmd_synth::ImportArgs),
+    /// Batched predictions of a model over a dataset (the JSONL `eval` reads), resumable.
+    Predict(cmd_predict::PredictArgs),
     /// Score predictions (JSONL of id + completion) against a dataset and write a report directory.
     Eval(cmd_eval::EvalArgs),
     /// Merge the report.json of several eval directories into one report.
@@ -97,6 +100,7 @@ fn main() -> ExitCode {
         Verb::Schemas(a) => cmd_schemas::schemas(a),
         Verb::Synth(a) => cmd_synth::synth(a),
         Verb::Import(a) => cmd_synth::import(a),
+        Verb::Predict(a) => cmd_predict::predict(a),
         Verb::Eval(a) => cmd_eval::eval(a),
         Verb::Report(a) => cmd_eval::report(a),
         Verb::Sft(a) => cmd_sft::sft(a),

@@ -216,3 +216,23 @@ fn a_lora_pipeline_trains_adapters_and_merges_them_for_the_next_stage() {
     }
     assert_eq!(manifest(&out, "eval")["finished"], true);
 }
+
+/// The paper's order: GRPO from the base model, then SFT from GRPO's model; the report
+/// compares base, grpo and grpo+sft.
+#[test]
+fn grpo_then_sft_runs_end_to_end_and_reports_its_systems() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let out = dir.path().join("run");
+    let cfg = dir.path().join("p.toml");
+    std::fs::write(&cfg, format!("order = \"grpo-then-sft\"\n{}", reduced_config(&out, 2, 1))).expect("config");
+    let o = run(&["pipeline", "--config", cfg.to_str().expect("utf-8")]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    let (g, s) = (err.find("== grpo").expect("grpo ran"), err.find("== sft").expect("sft ran"));
+    assert!(g < s, "GRPO runs before SFT");
+    let report = std::fs::read_to_string(out.join("eval/report/report.md")).expect("report.md");
+    for system in ["base", "grpo", "grpo+sft", "base constrained", "grpo constrained", "grpo+sft constrained"] {
+        assert!(report.contains(&format!("| {system} |")), "{system} missing from the report");
+    }
+    assert!(!report.contains("| sft+grpo |"));
+}

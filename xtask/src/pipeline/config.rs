@@ -14,6 +14,10 @@ use thinkjson_synth::ReasoningStyle;
 #[serde(default, deny_unknown_fields)]
 pub struct PipelineFile {
     pub out: PathBuf,
+    /// Order of the two training stages: `sft-then-grpo` (default: SFT teaches the format,
+    /// GRPO sharpens it) or `grpo-then-sft` (the paper's: R1-Zero-style GRPO from the base
+    /// model, then SFT). The report compares base, first stage, and both.
+    pub order: StageOrder,
     /// cpu, cuda or cuda:N.
     pub device: String,
     pub synth: SynthSection,
@@ -26,6 +30,24 @@ pub struct PipelineFile {
     /// After a LoRA stage the pipeline merges the adapter into `merged/` for the next stage
     /// and the evaluation. Default: none (full fine-tuning).
     pub lora: Option<LoraConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StageOrder {
+    #[default]
+    SftThenGrpo,
+    GrpoThenSft,
+}
+
+impl StageOrder {
+    /// The training stages, first to last.
+    pub fn training(self) -> [&'static str; 2] {
+        match self {
+            StageOrder::SftThenGrpo => ["sft", "grpo"],
+            StageOrder::GrpoThenSft => ["grpo", "sft"],
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -84,6 +106,7 @@ impl Default for PipelineFile {
     fn default() -> Self {
         Self {
             out: PathBuf::from("runs/pipeline"),
+            order: StageOrder::SftThenGrpo,
             device: "cpu".into(),
             synth: SynthSection::default(),
             tokenizer: TokenizerSection::default(),
@@ -165,6 +188,9 @@ mod tests {
         file.grpo.validate().unwrap();
         assert_eq!(file.synth.grpo_rows, 20_000);
         assert_eq!(file.grpo.num_generations, 8);
+        assert_eq!(file.order, StageOrder::GrpoThenSft, "the paper's order");
+        assert_eq!(file.sft.lora.as_ref().map(|l| l.r), Some(16), "SFT with LoRA, as the paper");
+        assert!(file.grpo.lora.is_none());
         let default = PipelineFile::default();
         default.sft.validate().unwrap();
         default.grpo.validate().unwrap();

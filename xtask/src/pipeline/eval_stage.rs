@@ -1,22 +1,19 @@
-//! The eval stage: greedy completions of the held-out rows from the base, SFT and SFT+GRPO
-//! models, each free and think-then-JSON constrained, scored into one report with the
-//! training curves.
+//! The eval stage: greedy completions of the held-out rows (by `predict`) from the base model
+//! and the models after each training stage, each free and think-then-JSON constrained,
+//! scored into one report with the training curves.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use anyhow::{Context, Result};
 use serde_json::{json, Value};
-use thinkjson_decode::{chat_prompt, Constraint, GenerateConfig, Generator, Request, SamplingConfig};
 use thinkjson_eval::{evaluate, parse_jsonl, Curves, Prediction, Report, Sample};
-use thinkjson_model::burn::tensor::backend::Backend;
-use thinkjson_model::{CausalLm, DeviceSpec, Tokenizer};
+use thinkjson_model::DeviceSpec;
 use thinkjson_reward::ValidatorCache;
-use thinkjson_synth::{Row, Split};
+use thinkjson_synth::Split;
 
-use super::config::{EvalSection, PipelineFile};
+use super::config::PipelineFile;
 use super::stages::split_path;
-use crate::backend::{dispatch, OnBackend};
+use crate::cmd_predict::{predict_file, ConstraintKind, PredictSpec};
 
 /// One evaluated system: a model directory and a decoding mode.
 pub struct System {
@@ -25,7 +22,7 @@ pub struct System {
     pub constrained: bool,
 }
 
-pub fn systems(models: &[(&str, PathBuf)]) -> Vec<System> {
+pub fn systems(models: &[(String, PathBuf)]) -> Vec<System> {
     models
         .iter()
         .flat_map(|(name, dir)| {
@@ -42,8 +39,8 @@ pub fn report_dir(out: &Path) -> PathBuf {
     out.join("eval").join("report")
 }
 
-/// Generates (or, resuming, reuses) every system's predictions and writes the report.
-pub fn run(file: &PipelineFile, systems: &[System], curves: &[(&str, PathBuf)], reuse: bool) -> Result<Value> {
+/// Predicts (resuming what an interrupted run wrote) every system's rows and writes the report.
+pub fn run(file: &PipelineFile, systems: &[System], curves: &[(&str, PathBuf)]) -> Result<Value> {
     let mut rows = crate::cmd_sft::read_rows(&split_path(&file.out, Split::Eval))?;
     rows.truncate(file.eval.rows.max(1));
     let device: DeviceSpec = file.device.parse()?;
@@ -59,12 +56,19 @@ pub fn run(file: &PipelineFile, systems: &[System], curves: &[(&str, PathBuf)], 
     let mut closed = Vec::new();
     for system in systems {
         let path = pred_dir.join(format!("{}.jsonl", system.name.replace(' ', "-")));
-        if !(reuse && path.exists()) {
-            let job = Predict { rows: rows.clone(), system_model: system.model.clone(), constrained: system.constrained, eval: file.eval.clone() };
-            let preds = dispatch(device, job)?;
-            let text: String = preds.iter().map(|p| serde_json::to_string(p).map(|l| l + "\n")).collect::<Result<_, _>>()?;
-            thinkjson_model::write_atomic(&path, text.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
-        }
+        // Without a resume the stage's directory was cleared, so nothing is reused; with one,
+        // finished files are kept and a file cut by a kill continues where it stopped.
+        let spec = PredictSpec {
+            model: system.model.clone(),
+            adapter: None,
+            constraint: if system.constrained { ConstraintKind::ThinkThenJson } else { ConstraintKind::None },
+            batch_size: file.eval.batch_size.max(1),
+            max_new_tokens: file.eval.max_new_tokens,
+            max_think_tokens: file.eval.max_think_tokens,
+            temperature: 0.0,
+            seed: 0,
+        };
+        predict_file(&spec, &rows, &path, true, device).with_context(|| format!("predictions of {}", system.name))?;
         let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
         let (preds, skipped) = parse_jsonl::<Prediction>(&text);
         closed.push(preds.iter().filter(|p| p.closed == Some(true)).count());
@@ -86,46 +90,4 @@ pub fn run(file: &PipelineFile, systems: &[System], curves: &[(&str, PathBuf)], 
         })
         .collect();
     Ok(json!({"report": report_dir(&file.out).join("report.md"), "systems": table}))
-}
-
-struct Predict {
-    rows: Vec<Row>,
-    system_model: PathBuf,
-    constrained: bool,
-    eval: EvalSection,
-}
-
-impl OnBackend for Predict {
-    type Output = Vec<Prediction>;
-    fn run<B: Backend>(self, device: B::Device) -> Result<Vec<Prediction>> {
-        let model = CausalLm::<B>::from_pretrained(&self.system_model, &device).with_context(|| format!("loading {}", self.system_model.display()))?;
-        let tok = Tokenizer::from_path(&self.system_model)?;
-        let template = crate::cmd_decode::chat_template(&self.system_model)?;
-        let generator = Generator::for_model(&tok, &model)?;
-        let config = GenerateConfig { max_new_tokens: self.eval.max_new_tokens, sampling: SamplingConfig::greedy(), ..GenerateConfig::default() };
-        let mut out = Vec::with_capacity(self.rows.len());
-        for chunk in self.rows.chunks(self.eval.batch_size.max(1)) {
-            let mut requests = Vec::with_capacity(chunk.len());
-            for row in chunk {
-                let messages = thinkjson_sft::chat_messages(&row.text, &row.schema);
-                let prompt = chat_prompt(&template, &tok, &messages)?;
-                let constraint =
-                    if self.constrained { Constraint::think_then_json(row.schema.clone(), self.eval.max_think_tokens) } else { Constraint::None };
-                requests.push(Request::new(prompt, constraint));
-            }
-            let started = Instant::now();
-            let (completions, _) = generator.generate(&model, &requests, &config)?;
-            let ms = 1000.0 * started.elapsed().as_secs_f64() / chunk.len() as f64;
-            for (row, c) in chunk.iter().zip(completions) {
-                out.push(Prediction {
-                    id: row.id.clone(),
-                    completion: c.text,
-                    latency_ms: Some(ms),
-                    tokens: Some(c.tokens.len() as f64),
-                    closed: self.constrained.then_some(c.closed),
-                });
-            }
-        }
-        Ok(out)
-    }
 }

@@ -71,13 +71,14 @@ pub fn pipeline(args: PipelineArgs) -> Result<()> {
     std::fs::write(file.out.join("pipeline.toml"), toml::to_string(&file).context("writing the resolved config")?)
         .with_context(|| format!("writing {}", file.out.join("pipeline.toml").display()))?;
 
-    let keys = stage_keys(&file);
-    let bar = crate::metrics_log::progress().add(ProgressBar::new(STAGES.len() as u64));
+    let sequence = stage_sequence(&file);
+    let keys = stage_keys(&file, &sequence);
+    let bar = crate::metrics_log::progress().add(ProgressBar::new(sequence.len() as u64));
     bar.set_style(ProgressStyle::with_template("pipeline [{bar:12}] {pos}/{len} stages · {msg} · {elapsed}").unwrap_or_else(|_| ProgressStyle::default_bar()));
     let started = Instant::now();
     let mut outcomes = Vec::new();
     let mut available = true;
-    for (i, stage) in STAGES.iter().enumerate() {
+    for (i, stage) in sequence.iter().enumerate() {
         bar.set_position(i as u64);
         bar.set_message(stage.to_string());
         let key = &keys[i];
@@ -177,17 +178,52 @@ fn init_log(out: &Path) -> Result<()> {
 
 /// Each stage's key hashes its own settings and the key before it, so a change reruns that
 /// stage and what follows, nothing earlier.
-fn stage_keys(file: &PipelineFile) -> Vec<String> {
+fn stage_keys(file: &PipelineFile, sequence: &[&str]) -> Vec<String> {
     fn v<T: serde::Serialize>(x: &T) -> Value {
         serde_json::to_value(x).unwrap_or_default()
     }
-    let own = [v(&file.synth), json!([v(&file.tokenizer), file.model.dir]), v(&file.model), v(&file.sft), v(&file.grpo), v(&file.eval)];
+    let own = |stage: &str| match stage {
+        "synth" => v(&file.synth),
+        "tokenizer" => json!([v(&file.tokenizer), file.model.dir]),
+        "model" => v(&file.model),
+        "sft" => v(&file.sft),
+        "grpo" => v(&file.grpo),
+        _ => v(&file.eval),
+    };
     let mut keys: Vec<String> = Vec::new();
-    for part in &own {
+    for part in sequence.iter().map(|s| own(s)) {
+        let part = &part;
         let upstream = json!(keys.last());
         keys.push(manifest::key_of(&[part, &upstream]));
     }
     keys
+}
+
+/// The stages in the order they run: the training stages as `order` says.
+fn stage_sequence(file: &PipelineFile) -> Vec<&'static str> {
+    let [first, second] = file.order.training();
+    vec!["synth", "tokenizer", "model", first, second, "eval"]
+}
+
+/// The full model a training stage starts from: the base for the first, the first's output
+/// for the second.
+fn start_model(file: &PipelineFile, stage: &str) -> PathBuf {
+    let [first, _] = file.order.training();
+    if stage == first {
+        stages::base_dir(file)
+    } else {
+        stage_model(&file.out.join(first))
+    }
+}
+
+/// The evaluated models: base, after the first training stage, after both.
+fn evaluated_models(file: &PipelineFile) -> [(String, PathBuf); 3] {
+    let [first, second] = file.order.training();
+    [
+        ("base".to_string(), stages::base_dir(file)),
+        (first.to_string(), stage_model(&file.out.join(first))),
+        (format!("{first}+{second}"), stage_model(&file.out.join(second))),
+    ]
 }
 
 /// Files a stage reads (hashed into its manifest).
@@ -203,9 +239,12 @@ fn inputs_of(file: &PipelineFile, stage: &str) -> Vec<PathBuf> {
             }
             inputs
         }
-        "sft" => vec![stages::split_path(out, Split::Sft), stages::split_path(out, Split::Eval), stages::base_dir(file)],
-        "grpo" => vec![stages::split_path(out, Split::Grpo), stage_model(&out.join("sft"))],
-        "eval" => vec![stages::split_path(out, Split::Eval), stage_model(&out.join("grpo"))],
+        "sft" => vec![stages::split_path(out, Split::Sft), stages::split_path(out, Split::Eval), start_model(file, "sft")],
+        "grpo" => vec![stages::split_path(out, Split::Grpo), start_model(file, "grpo")],
+        "eval" => {
+            let [_, last] = file.order.training();
+            vec![stages::split_path(out, Split::Eval), stage_model(&out.join(last))]
+        }
         _ => Vec::new(),
     }
 }
@@ -235,7 +274,7 @@ fn run_stage(file: &PipelineFile, stage: &str, resume: bool) -> Result<Value> {
         "model" => stages::model(file),
         "sft" => {
             let sft = SftFile {
-                model: Some(stages::base_dir(file)),
+                model: Some(start_model(file, "sft")),
                 preset: None,
                 tokenizer: stages::tokenizer_dir(file),
                 data: Some(stages::split_path(out, Split::Sft)),
@@ -246,12 +285,12 @@ fn run_stage(file: &PipelineFile, stage: &str, resume: bool) -> Result<Value> {
                 ..SftFile::default()
             };
             let summary = crate::cmd_sft::run_sft(&sft, resume)?;
-            merge_if_adapter(&stages::base_dir(file), &out.join("sft"))?;
+            merge_if_adapter(&start_model(file, "sft"), &out.join("sft"))?;
             Ok(serde_json::to_value(summary)?)
         }
         "grpo" => {
             let grpo = GrpoFile {
-                model: Some(stage_model(&out.join("sft"))),
+                model: Some(start_model(file, "grpo")),
                 preset: None,
                 tokenizer: stages::tokenizer_dir(file),
                 data: Some(stages::split_path(out, Split::Grpo)),
@@ -261,17 +300,13 @@ fn run_stage(file: &PipelineFile, stage: &str, resume: bool) -> Result<Value> {
                 ..GrpoFile::default()
             };
             let summary = crate::cmd_grpo::run_grpo(&grpo, resume, None)?;
-            merge_if_adapter(&stage_model(&out.join("sft")), &out.join("grpo"))?;
+            merge_if_adapter(&start_model(file, "grpo"), &out.join("grpo"))?;
             Ok(serde_json::to_value(summary)?)
         }
         "eval" => {
-            let models = [
-                ("base", stages::base_dir(file)),
-                ("sft", stage_model(&out.join("sft"))),
-                ("sft+grpo", stage_model(&out.join("grpo"))),
-            ];
-            let curves = [("sft", out.join("sft").join("metrics.jsonl")), ("grpo", out.join("grpo").join("metrics.jsonl"))];
-            eval_stage::run(file, &eval_stage::systems(&models), &curves, resume)
+            let models = evaluated_models(file);
+            let curves = file.order.training().map(|s| (s, out.join(s).join("metrics.jsonl")));
+            eval_stage::run(file, &eval_stage::systems(&models), &curves)
         }
         other => bail!("unknown stage {other}"),
     }

@@ -3,7 +3,7 @@
 random weights (no download), CPU, as many threads as cores. Run both on one machine and take
 the ratio.
 
-    .venv/bin/python scripts/bench_torch_model.py [--quick] [--shapes smollm2-135m,qwen2.5-1.5b]
+    .venv/bin/python scripts/bench_torch_model.py [--quick] [--shapes smollm2-135m,qwen2.5-1.5b] [--context 2048,4096]
 """
 import argparse
 import json
@@ -40,14 +40,14 @@ def prefill_rate(model, n, reps):
     return n / best
 
 
-def decode_rate(model, batch, steps):
-    # Same as ours: left-padded 32-token prompts of slightly different lengths, then greedy steps.
-    lens = [32 - b % 4 for b in range(batch)]
+def decode_rate(model, batch, steps, prompt_len=32):
+    # Same as ours: left-padded prompts of slightly different lengths, then greedy steps.
+    lens = [max(prompt_len - b % 4, 1) for b in range(batch)]
     width = max(lens)
     ids = torch.zeros((batch, width), dtype=torch.long)
     mask = torch.zeros((batch, width), dtype=torch.long)
     for b, n in enumerate(lens):
-        ids[b, width - n:] = torch.arange(100 + b, 100 + b + n)
+        ids[b, width - n:] = (100 + torch.arange(n) * 7 + b) % 1000 + 10
         mask[b, width - n:] = 1
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
@@ -80,6 +80,7 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--shapes")
     ap.add_argument("--out", default="bench-torch.json")
+    ap.add_argument("--context", help="comma-separated prompt lengths: prefill 1xL and decode b1/b8 after L tokens")
     a = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     shapes = a.shapes or ("tiny,smollm2-135m" if a.quick else "smollm2-135m,qwen2.5-1.5b")
@@ -91,6 +92,14 @@ def main():
         model = AutoModelForCausalLM.from_config(SHAPES[name](), dtype=torch.float32).eval()
         figures.append((f"model/{name}/init", time.perf_counter() - t, "s"))
         params = sum(p.numel() for p in model.parameters())
+        if a.context:
+            for n in (int(x) for x in a.context.split(",")):
+                figures.append((f"model/{name}/prefill 1x{n}", prefill_rate(model, n, 1), "tokens/s"))
+                for b in (1, 8):
+                    figures.append((f"model/{name}/decode batch {b} @ {n}", decode_rate(model, b, steps, n), "tokens/s"))
+                figures.append((f"model/{name}/peak RSS so far", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "MiB"))
+            del model
+            continue
         figures.append((f"model/{name}/prefill 1x{prefill}", prefill_rate(model, prefill, 1 if params > 5e8 else 3), "tokens/s"))
         for b in (1, 8):
             figures.append((f"model/{name}/decode batch {b}", decode_rate(model, b, steps), "tokens/s"))

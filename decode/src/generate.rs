@@ -393,6 +393,38 @@ impl Generator {
         let mut stats = GenerationStats::default();
         let mut cache = KvCache::<B>::new(requests.len(), model.config().num_hidden_layers);
         let temperature = config.sampling.temperature;
+        // Requests with the same prompt (GRPO's G completions of a prompt) share one prefill:
+        // each prompt is run once and its cache rows copied to every request that has it.
+        let mut unique: Vec<usize> = Vec::new();
+        let mut row_of = Vec::with_capacity(requests.len());
+        for r in requests {
+            match unique.iter().position(|&u| requests[u].prompt == r.prompt) {
+                Some(k) => row_of.push(k),
+                None => {
+                    row_of.push(unique.len());
+                    unique.push(row_of.len() - 1);
+                }
+            }
+        }
+        if config.use_cache && unique.len() < requests.len() {
+            let t0 = Instant::now();
+            let prompts: Vec<Vec<u32>> = unique.iter().map(|&u| requests[u].prompt.clone()).collect();
+            let mut shared = KvCache::<B>::new(unique.len(), model.config().num_hidden_layers);
+            let hidden = model.hidden_cached(&TokenBatch::new(&prompts, Padding::Left, self.pad)?, &mut shared)?;
+            let (last, lse) = model.last_position_scores(&hidden, if temperature > 0.0 { temperature } else { 1.0 })?;
+            cache = shared.select_rows(&row_of)?;
+            stats.forward_secs += t0.elapsed().as_secs_f64();
+            stats.steps += 1;
+            let t1 = Instant::now();
+            let vocab = model.config().vocab_size;
+            seqs.par_iter_mut().zip(row_of.par_iter()).for_each(|(seq, &u)| {
+                seq.pending.clear();
+                if seq.finish.is_none() {
+                    self.advance(seq, &last[u * vocab..(u + 1) * vocab], lse[u], config);
+                }
+            });
+            stats.host_secs += t1.elapsed().as_secs_f64();
+        }
         loop {
             if seqs.iter().all(|s| s.pending.is_empty()) {
                 break;

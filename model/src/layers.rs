@@ -3,7 +3,7 @@
 
 use burn::module::{Module, Param};
 use burn::nn::Linear;
-use burn::tensor::activation::silu;
+use burn::tensor::activation::{silu, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
@@ -105,8 +105,54 @@ impl<B: Backend> Rope<B> {
     }
 }
 
-/// Keys and values of one layer kept between decoding steps, `[batch, kv_heads, len, head_dim]`.
-pub type LayerCache<B> = Option<(Tensor<B, 4>, Tensor<B, 4>)>;
+/// Keys and values of one layer kept between decoding steps, as a list of blocks of
+/// `[batch, kv_heads, n, head_dim]` (n ≤ [`CACHE_BLOCK`] except for a long prefill kept
+/// whole). A step rewrites only the last, open block; full blocks are never copied again, so
+/// a step costs its own keys and one block, not the whole cache (a growing concatenation, or
+/// a write into one big buffer — which burn's CPU backend copies whole — costs the cache).
+#[derive(Debug, Clone)]
+pub struct LayerKv<B: Backend> {
+    pub(crate) blocks: Vec<(Tensor<B, 4>, Tensor<B, 4>)>,
+    pub(crate) len: usize,
+}
+
+pub type LayerCache<B> = Option<LayerKv<B>>;
+
+/// Positions per cache block.
+const CACHE_BLOCK: usize = 128;
+
+impl<B: Backend> LayerKv<B> {
+    /// One block holding every cached key and value (a copy when there are several).
+    pub(crate) fn filled(&self) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        match self.blocks.as_slice() {
+            [(k, v)] => (k.clone(), v.clone()),
+            blocks => (
+                Tensor::cat(blocks.iter().map(|(k, _)| k.clone()).collect(), 2),
+                Tensor::cat(blocks.iter().map(|(_, v)| v.clone()).collect(), 2),
+            ),
+        }
+    }
+
+    /// Appends `[batch, kv_heads, s, head_dim]` keys and values to `slot`.
+    fn append(slot: &mut LayerCache<B>, k: Tensor<B, 4>, v: Tensor<B, 4>) -> &LayerKv<B> {
+        let s = k.dims()[2];
+        let mut cache = slot.take().unwrap_or(LayerKv { blocks: Vec::new(), len: 0 });
+        let open = cache.blocks.last().map(|(k, _)| k.dims()[2]).filter(|&n| n + s <= CACHE_BLOCK);
+        match (open, cache.blocks.pop()) {
+            (Some(_), Some((pk, pv))) => cache.blocks.push((Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2))),
+            (_, last) => {
+                cache.blocks.extend(last);
+                cache.blocks.push((k, v));
+            }
+        }
+        cache.len += s;
+        slot.insert(cache)
+    }
+}
+
+/// Up to this many new positions per sequence, attention over a cache reads the grouped KV
+/// heads directly ([`grouped_attention`]); longer runs (prefills) use the fused kernel.
+const GROUPED_MAX_QUERIES: usize = 32;
 
 /// Grouped-query self-attention with optional q/k/v biases.
 #[derive(Module, Debug)]
@@ -143,12 +189,12 @@ impl<B: Backend> Attention<B> {
         let v = heads(self.v_proj.forward(x), kv).swap_dims(1, 2);
         let (k, v) = match cache {
             Some(slot) => {
-                let (k, v) = match slot.take() {
-                    Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
-                    None => (k, v),
-                };
-                *slot = Some((k.clone(), v.clone()));
-                (k, v)
+                let cache = LayerKv::append(slot, k, v);
+                if s <= GROUPED_MAX_QUERIES {
+                    let out = grouped_attention(q, &cache.blocks, cache.len, mask);
+                    return self.o_proj.forward(out.swap_dims(1, 2).reshape([b, s, h * d]));
+                }
+                cache.filled()
             }
             None => (k, v),
         };
@@ -166,6 +212,52 @@ impl<B: Backend> Attention<B> {
         let out = attention(q, k, v, mask, None, options);
         self.o_proj.forward(out.swap_dims(1, 2).reshape([b, s, h * d]))
     }
+}
+
+/// Attention of a few new queries over a cache, without copying it: the query heads are
+/// grouped by the KV head they read (`[b, kv, rep·s, d]`), so each block of each KV head's keys
+/// and values is read in place by one strided matmul for all its query heads. `mask` is
+/// `[b, 1, s, keys]` (`true` = blocked); without one, the queries are the last `s`
+/// positions, causal. Returns `[b, h, s, d]`.
+fn grouped_attention<B: Backend>(
+    q: Tensor<B, 4>,
+    blocks: &[(Tensor<B, 4>, Tensor<B, 4>)],
+    keys: usize,
+    mask: Option<&Tensor<B, 4, Bool>>,
+) -> Tensor<B, 4> {
+    let [b, h, s, d] = q.dims();
+    let kv = blocks.first().map_or(h, |(k, _)| k.dims()[1]);
+    let rep = h / kv;
+    let scale = 1.0 / (d as f64).sqrt();
+    let q = q.reshape([b, kv, rep * s, d]);
+    let parts: Vec<Tensor<B, 4>> = blocks.iter().map(|(k, _)| q.clone().matmul(k.clone().swap_dims(2, 3))).collect();
+    let scores = Tensor::cat(parts, 3) * scale;
+    let blocked = match mask {
+        Some(m) => Some(m.clone().unsqueeze_dim::<5>(1)),
+        None if s > 1 => {
+            // Query i sits at position keys − s + i and sees keys up to it.
+            let past = keys - s;
+            let causal: Vec<bool> = (0..s).flat_map(|i| (0..keys).map(move |j| j > past + i)).collect();
+            Some(Tensor::<B, 5, Bool>::from_data(burn::tensor::TensorData::new(causal, [1, 1, 1, s, keys]), &scores.device()))
+        }
+        None => None,
+    };
+    let scores = match blocked {
+        Some(m) => {
+            let shape = [b, kv, rep, s, keys];
+            scores.reshape(shape).mask_fill(m.expand(shape), f32::NEG_INFINITY).reshape([b, kv, rep * s, keys])
+        }
+        None => scores,
+    };
+    let probs = softmax(scores, 3);
+    let mut out = Tensor::<B, 4>::zeros([b, kv, rep * s, d], &probs.device());
+    let mut start = 0;
+    for (_, v) in blocks {
+        let n = v.dims()[2];
+        out = out + probs.clone().slice([0..b, 0..kv, 0..rep * s, start..start + n]).matmul(v.clone());
+        start += n;
+    }
+    out.reshape([b, h, s, d])
 }
 
 /// Query head `i` reads KV head `i / rep` (HF's `repeat_kv`), not a tiled copy.

@@ -13,7 +13,7 @@ use crate::config::{ModelConfig, StorageDtype};
 use crate::error::{ModelError, Result};
 use crate::gguf::hf::GgufSource;
 use crate::gguf::GgufFile;
-use crate::layers::{project, Attention, DecoderLayer, LayerCache, Mlp, Projection, Rope, RmsNorm};
+use crate::layers::{project, Attention, DecoderLayer, LayerCache, LayerKv, Mlp, Projection, Rope, RmsNorm};
 use crate::lora::LoraConfig;
 use crate::weights::{transpose, write_atomic, write_safetensors, HfTensor, RandomSource, SafetensorsSource, WeightSource};
 
@@ -65,6 +65,37 @@ impl<B: Backend> KvCache<B> {
         self.valid.iter().map(|v| v.iter().filter(|&&m| m).count()).max().unwrap_or(0)
     }
 
+    /// A cache for `rows.len()` sequences where sequence `i` continues cached sequence
+    /// `rows[i]` — requests that share a prompt (GRPO's G completions) prefill it once and
+    /// each continue their own copy.
+    pub fn select_rows(&self, rows: &[usize]) -> Result<Self> {
+        if let Some(&r) = rows.iter().find(|&&r| r >= self.batch()) {
+            return Err(ModelError::Input(format!("row {r} of a cache of {} sequences", self.batch())));
+        }
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for slot in &self.layers {
+            layers.push(match slot {
+                None => None,
+                Some(kv) => {
+                    let device = kv.blocks.first().map(|(k, _)| k.device());
+                    let blocks = match device {
+                        None => Vec::new(),
+                        Some(device) => {
+                            let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(rows.iter().map(|&r| r as i64).collect(), [rows.len()]), &device);
+                            kv.blocks.iter().map(|(k, v)| (k.clone().select(0, idx.clone()), v.clone().select(0, idx.clone()))).collect()
+                        }
+                    };
+                    Some(LayerKv { blocks, len: kv.len })
+                }
+            });
+        }
+        Ok(Self {
+            layers,
+            valid: rows.iter().map(|&r| self.valid[r].clone()).collect(),
+            next_pos: rows.iter().map(|&r| self.next_pos[r]).collect(),
+        })
+    }
+
     /// Drops pad columns: each sequence's real keys move to the right end, left-padded to
     /// the fullest sequence. Batched steps feed pads to sequences with fewer new tokens, so
     /// without this the cache (and every step's attention) grows with the widest row.
@@ -90,13 +121,14 @@ impl<B: Backend> KvCache<B> {
             valid.push(v);
         }
         for slot in self.layers.iter_mut() {
-            if let Some((k, v)) = slot.take() {
+            if let Some(kv) = slot.take() {
+                let (k, v) = kv.filled();
                 let [_, heads, _, d] = k.dims();
                 let device = k.device();
                 let idx = Tensor::<B, 2, Int>::from_data(TensorData::new(index.clone(), [b, keep]), &device)
                     .reshape([b, 1, keep, 1])
                     .expand([b, heads, keep, d]);
-                *slot = Some((k.gather(2, idx.clone()), v.gather(2, idx)));
+                *slot = Some(LayerKv { blocks: vec![(k.gather(2, idx.clone()), v.gather(2, idx))], len: keep });
             }
         }
         self.valid = valid;

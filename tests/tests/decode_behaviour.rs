@@ -319,3 +319,35 @@ fn constrained_strings_never_hold_a_lone_surrogate_escape() {
     assert!(serde_json::from_str::<Value>("{\"a\":\"\\ud800\"}").is_err());
     assert!(!accepts("{\"a\":\"\\ud800\"}"));
 }
+
+/// Requests that share a prompt (GRPO's G completions) prefill it once; each still samples
+/// exactly what it samples alone with its seed, free and constrained.
+#[test]
+fn shared_prompts_prefill_once_and_sample_what_each_samples_alone() {
+    let tok = qwen();
+    let model = tiny(8);
+    let generator = Generator::for_model(&tok, &model).expect("generator");
+    let config = GenerateConfig {
+        max_new_tokens: 24,
+        sampling: SamplingConfig { temperature: 0.9, top_k: 50, top_p: 0.95, min_p: 0.01, seed: 0 },
+        ..Default::default()
+    };
+    for constraint in [Constraint::None, Constraint::think_then_json(schema(), 8)] {
+        let base = requests(&tok, &constraint);
+        let mut reqs = Vec::new();
+        for (i, seed) in [(0usize, 11u64), (0, 12), (1, 13), (0, 14), (1, 15)] {
+            reqs.push(Request { seed: Some(seed), ..base[i].clone() });
+        }
+        let (together, stats) = generator.generate(&model, &reqs, &config).expect("batch");
+        if constraint == Constraint::None {
+            assert!(together.iter().any(|c| c.tokens != together[0].tokens), "different seeds, different samples");
+        }
+        for (r, t) in reqs.iter().zip(&together) {
+            let alone = generator.generate(&model, std::slice::from_ref(r), &config).expect("alone").0;
+            assert_eq!(alone[0].tokens, t.tokens);
+            let d = alone[0].logprobs.iter().zip(&t.logprobs).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            assert!(d < 1e-4, "log-probs differ by {d}");
+        }
+        assert!(stats.steps > 0);
+    }
+}

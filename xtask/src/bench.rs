@@ -23,6 +23,11 @@ pub struct BenchArgs {
     /// Comma-separated presets for the model suite.
     #[arg(long)]
     shapes: Option<String>,
+    /// The model suite at real prompt lengths: for each length L (comma-separated, e.g.
+    /// 2048,4096), prefill 1×L and decode batch 1 and 8 after L-token prompts, instead of the
+    /// short-prompt figures.
+    #[arg(long, value_delimiter = ',')]
+    context: Option<Vec<usize>>,
     /// The CUDA device of the `gpu` suite (cuda:0 when not given).
     #[arg(long)]
     pub device: Option<thinkjson_model::DeviceSpec>,
@@ -98,6 +103,17 @@ fn model_suite(args: &BenchArgs, figures: &mut Vec<Figure>) -> Result<()> {
         let t = Instant::now();
         let model = CausalLm::<CpuBackend>::random(&config, 0, &device)?;
         push(figures, name, "init", t.elapsed().as_secs_f64(), "s");
+        if let Some(lengths) = &args.context {
+            for &len in lengths {
+                push(figures, name, &format!("prefill 1x{len}"), prefill_rate(&model, len, 1)?, "tokens/s");
+                for b in [1usize, 8] {
+                    let rate = decode_rate_at(&model, b, len, steps)?;
+                    push(figures, name, &format!("decode batch {b} @ {len}"), rate, "tokens/s");
+                }
+                push(figures, name, "peak RSS so far", peak_rss_mib(), "MiB");
+            }
+            continue;
+        }
 
         // Prefill: hidden states for every position, logits for the last only (as engines do).
         let prompt: Vec<u32> = (0..prefill_len as u32).map(|i| (i * 7919) % 1000 + 10).collect();
@@ -227,9 +243,31 @@ fn push(figures: &mut Vec<Figure>, shape: &str, what: &str, value: f64, unit: &'
     });
 }
 
+/// Tokens/s of a 1×`len` prefill (hidden states, logits of the last position), best of `reps`.
+fn prefill_rate<B: Backend>(model: &CausalLm<B>, len: usize, reps: usize) -> Result<f64> {
+    let prompt: Vec<u32> = (0..len as u32).map(|i| (i * 7919) % 1000 + 10).collect();
+    let batch = TokenBatch::new(std::slice::from_ref(&prompt), Padding::Left, 0)?;
+    let mut best = f64::MAX;
+    for _ in 0..reps.max(1) {
+        let t = Instant::now();
+        let hidden = model.hidden_states(&batch)?;
+        let _ = model.last_argmax(hidden)?;
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok(len as f64 / best)
+}
+
 /// Greedy-shaped decode: a 32-token prompt, then `steps` single-token steps with the KV cache.
 pub fn decode_rate<B: Backend>(model: &CausalLm<B>, batch: usize, steps: usize) -> Result<f64> {
-    let prompts: Vec<Vec<u32>> = (0..batch).map(|b| (0..32 - b as u32 % 4).map(|i| 100 + i + b as u32).collect()).collect();
+    decode_rate_at(model, batch, 32, steps)
+}
+
+/// Decode after `len`-token prompts (each row a few tokens shorter than the one before, so
+/// the batch is left-padded): `steps` single-token steps with the KV cache, tokens/s. The
+/// prefill is not timed.
+pub fn decode_rate_at<B: Backend>(model: &CausalLm<B>, batch: usize, len: usize, steps: usize) -> Result<f64> {
+    let prompts: Vec<Vec<u32>> =
+        (0..batch).map(|b| (0..(len - b % 4).max(1) as u32).map(|i| (100 + i * 7 + b as u32) % 1000 + 10).collect()).collect();
     let mut cache = KvCache::new(batch, model.config().num_hidden_layers);
     let hidden = model.hidden_cached(&TokenBatch::new(&prompts, Padding::Left, 0)?, &mut cache)?;
     let mut next: Vec<u32> = model.last_argmax(hidden)?;

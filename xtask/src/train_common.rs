@@ -93,12 +93,7 @@ pub fn save_final<B: Backend>(model: &CausalLm<B>, dir: &Path, extra_files: &[Pa
     } else {
         model.save_pretrained(dir, StorageDtype::Float32)?;
     }
-    for src in extra_files {
-        if let Some(name) = src.file_name() {
-            std::fs::copy(src, dir.join(name)).with_context(|| format!("copying {}", src.display()))?;
-        }
-    }
-    Ok(())
+    Ok(thinkjson_model::train::copy_into(dir, extra_files)?)
 }
 
 /// Folds the adapter in `adapter` into `base` and writes a full HF model (with `base`'s
@@ -113,11 +108,13 @@ pub fn write_merged(base: &Path, adapter: &Path, out: &Path, dtype: StorageDtype
     } else {
         crate::model_ref::tokenizer_dir(&pretrained, &out.join(".tokenizer"))?
     };
-    for name in ["tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
-        let src = tok_dir.join(name);
-        if src.exists() && tok_dir != out {
-            std::fs::copy(&src, out.join(name)).with_context(|| format!("copying {}", src.display()))?;
-        }
+    if tok_dir != out {
+        let files: Vec<PathBuf> = ["tokenizer.json", "tokenizer_config.json", "generation_config.json"]
+            .iter()
+            .map(|name| tok_dir.join(name))
+            .filter(|p| p.exists())
+            .collect();
+        thinkjson_model::train::copy_into(out, &files)?;
     }
     let scratch = out.join(".tokenizer");
     if scratch.exists() {

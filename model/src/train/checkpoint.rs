@@ -112,12 +112,7 @@ pub fn write_training_state<B: AutodiffBackend, S: Serialize>(
         model.save_pretrained(dir, StorageDtype::Float32)?;
     }
     optimizer.save(model, &dir.join(OPTIMIZER_FILE))?;
-    for src in extra_files {
-        if let Some(name) = src.file_name() {
-            let dest = dir.join(name);
-            std::fs::copy(src, &dest).map_err(|e| ModelError::io(src, e))?;
-        }
-    }
+    copy_into(dir, extra_files)?;
     let text = serde_json::to_string_pretty(state)
         .map_err(|e| ModelError::Input(format!("{TRAINER_STATE_FILE}: {e}")))?;
     // Last, so a directory with a trainer state is a complete one.
@@ -129,4 +124,15 @@ pub fn read_trainer_state<S: DeserializeOwned>(dir: &Path) -> Result<S> {
     let path = dir.join(TRAINER_STATE_FILE);
     let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
     serde_json::from_str(&text).map_err(|cause| ModelError::Json { path, cause })
+}
+
+/// Copies each of `files` into `dir` under its own name (tokenizer files beside a model or
+/// an adapter).
+pub fn copy_into(dir: &Path, files: &[PathBuf]) -> Result<()> {
+    for src in files {
+        if let Some(name) = src.file_name() {
+            std::fs::copy(src, dir.join(name)).map_err(|e| ModelError::io(src, e))?;
+        }
+    }
+    Ok(())
 }

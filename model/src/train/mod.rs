@@ -20,7 +20,7 @@ mod schedule;
 mod session;
 
 pub use adamw::{AdamW, AdamWConfig, StepReport};
-pub use checkpoint::{read_trainer_state, write_training_state, Checkpoints, OPTIMIZER_FILE, TRAINER_STATE_FILE};
+pub use checkpoint::{copy_into, read_trainer_state, write_training_state, Checkpoints, OPTIMIZER_FILE, TRAINER_STATE_FILE};
 pub use config::TrainSettings;
 pub use schedule::{Decay, LrSchedule};
 pub use session::{attach_lora, restore_model, save_if_due, seed_step, start_or_resume, Control, Resumed, RunFiles};

@@ -80,7 +80,7 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--shapes")
     ap.add_argument("--out", default="bench-torch.json")
-    ap.add_argument("--context", help="comma-separated prompt lengths: prefill 1xL and decode b1/b8 after L tokens")
+    ap.add_argument("--context", help="comma-separated prompt lengths: prefill 1xL, decode b1/b8 after L tokens, train fwd+bwd 1xL")
     a = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     shapes = a.shapes or ("tiny,smollm2-135m" if a.quick else "smollm2-135m,qwen2.5-1.5b")
@@ -98,6 +98,12 @@ def main():
                 for b in (1, 8):
                     figures.append((f"model/{name}/decode batch {b} @ {n}", decode_rate(model, b, steps, n), "tokens/s"))
                 figures.append((f"model/{name}/peak RSS so far", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "MiB"))
+            if params < 5e8:
+                model.train()
+                for n in (int(x) for x in a.context.split(",")):
+                    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+                    figures.append((f"model/{name}/train fwd+bwd 1x{n}", train_rate(model, n), "tokens/s"))
+                    figures.append((f"model/{name}/peak RSS after train 1x{n} (was {before:.0f})", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "MiB"))
             del model
             continue
         figures.append((f"model/{name}/prefill 1x{prefill}", prefill_rate(model, prefill, 1 if params > 5e8 else 3), "tokens/s"))

@@ -133,6 +133,7 @@ impl Default for GrpoConfig {
             sample_every: 10,
             samples_logged: 2,
             logprob_chunk: 512,
+            max_tokens_per_pass: 0,
             lora: None,
         }
     }

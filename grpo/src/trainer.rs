@@ -7,7 +7,8 @@ use std::time::Instant;
 
 use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams};
-use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::Tensor;
 use burn::tensor::ElementConversion;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -269,6 +270,7 @@ pub fn train<B: AutodiffBackend>(
     };
     observer.on_start(&info);
     let pad_id = tokenizer.pad_id_for(model.config().vocab_size);
+    let budget = settings.tokens_per_pass(model.config());
     let validators = ValidatorCache::new();
     let surrogate = Surrogate { epsilon_low: config.epsilon_low, epsilon_high: config.epsilon_high, beta: config.beta };
     let mut reward_means = Vec::new();
@@ -294,27 +296,21 @@ pub fn train<B: AutodiffBackend>(
         observer.on_rollout(step, &chosen, &rollout);
         let mut time = TimeSplit { generation: rollout.generation_secs, reward: rollout.reward_secs, ..TimeSplit::default() };
 
-        let n = rollout.completions.len();
-        let per_micro = n.div_ceil(config.grad_accum);
-        let row_groups: Vec<Vec<usize>> = (0..n).collect::<Vec<_>>().chunks(per_micro).map(<[usize]>::to_vec).collect();
-        let micro: Vec<MicroBatch> = row_groups
-            .iter()
-            .map(|rows| MicroBatch::build(&rollout, &chosen, rows, config.mask_truncated_completions, pad_id))
-            .collect::<Result<_>>()?;
-        let step_active: usize = micro.iter().map(|m| m.positions.len()).sum();
+        let step_passes = passes(&rollout, &chosen, config, pad_id, budget)?;
+        let step_active: usize = step_passes.iter().map(|(m, _)| m.positions.len()).sum();
         let t_ref = Instant::now();
         let reference_logps: Vec<Option<Vec<f32>>> = match &reference {
-            Some(r) => micro
+            Some(r) => step_passes
                 .iter()
-                .map(|m| {
+                .map(|(m, _)| {
                     if m.positions.is_empty() {
                         return Ok(None);
                     }
-                    let lp = r.selected_scores(&m.tokens, &m.positions, &m.targets, config.logprob_chunk, f64::from(config.temperature), false)?.0;
+                    let lp = pass_scores(r, m, &rollout, &chosen, config, false)?.0;
                     Ok(Some(to_host(lp)?))
                 })
                 .collect::<Result<_>>()?,
-            None => vec![None; micro.len()],
+            None => vec![None; step_passes.len()],
         };
         time.logprobs += t_ref.elapsed().as_secs_f64();
 
@@ -325,21 +321,14 @@ pub fn train<B: AutodiffBackend>(
             let mut accumulator = GradientsAccumulator::<CausalLm<B>>::new();
             let mut any = false;
             loss_value = 0.0;
-            for (m, reference) in micro.iter().zip(&reference_logps) {
+            for ((m, weights), reference) in step_passes.iter().zip(&reference_logps) {
                 let advantages = m.token_advantages(&rollout);
                 let signal = config.beta != 0.0 || advantages.iter().any(|&a| a != 0.0);
                 if m.positions.is_empty() || !signal {
                     continue;
                 }
                 let t0 = Instant::now();
-                let (logps, entropy) = model.selected_scores(
-                    &m.tokens,
-                    &m.positions,
-                    &m.targets,
-                    config.logprob_chunk,
-                    f64::from(config.temperature),
-                    iteration == 0,
-                )?;
+                let (logps, entropy) = pass_scores(&model, m, &rollout, &chosen, config, iteration == 0)?;
                 if let Some(e) = entropy {
                     entropy_sum += e.sum().into_scalar().elem::<f64>();
                     entropy_tokens += m.positions.len();
@@ -349,7 +338,7 @@ pub fn train<B: AutodiffBackend>(
                     old: (config.num_iterations > 1).then(|| m.rollout_logprobs(&rollout)),
                     reference: reference.clone(),
                     advantages,
-                    weights: token_weights(config.loss_type, &m.active, micro.len(), step_active, config.max_completion_len),
+                    weights: weights.clone(),
                 };
                 let (loss, micro_stats) = policy_loss(logps, &inputs, &surrogate)?;
                 let value = loss.clone().into_scalar().elem::<f64>();
@@ -424,6 +413,78 @@ pub fn train<B: AutodiffBackend>(
         }
     }
     Ok((model, Summary { info, last_step: state.step, stopped_early: false, reward_means, last_checkpoint }))
+}
+
+/// The generation batch as forward/backward passes, each with its tokens' loss weights: the
+/// `grad_accum` micro-batches fix the weights (TRL's normalisations); each micro-batch is cut
+/// into passes over one prompt's completions ([`CausalLm::continuation_scores`] runs that
+/// prompt once per pass) of at most `budget` tokens (`P − 1 + rows × longest completion`).
+/// The cuts change memory and speed, not the loss.
+fn passes(rollout: &Rollout, prompts: &[&GrpoPrompt], config: &GrpoConfig, pad_id: u32, budget: usize) -> Result<Vec<(MicroBatch, Vec<f32>)>> {
+    let n = rollout.completions.len();
+    let per_micro = n.div_ceil(config.grad_accum.max(1)).max(1);
+    let rows: Vec<usize> = (0..n).collect();
+    let micro: Vec<MicroBatch> = rows
+        .chunks(per_micro)
+        .map(|group| MicroBatch::build(rollout, prompts, group, config.mask_truncated_completions, pad_id))
+        .collect::<Result<_>>()?;
+    let step_active: usize = micro.iter().map(|m| m.positions.len()).sum();
+    let accum = micro.len();
+    let mut out = Vec::new();
+    for m in micro {
+        let weights = token_weights(config.loss_type, &m.active, accum, step_active, config.max_completion_len);
+        let mut first_token = 0;
+        for piece in prompt_pieces(&m.rows, rollout, prompts, budget) {
+            let count: usize = m.active[piece.clone()].iter().sum();
+            let part = MicroBatch::build(rollout, prompts, &m.rows[piece], config.mask_truncated_completions, pad_id)?;
+            out.push((part, weights[first_token..first_token + count].to_vec()));
+            first_token += count;
+        }
+    }
+    Ok(out)
+}
+
+/// Consecutive ranges of `rows` with one prompt each and `P − 1 + rows × longest completion`
+/// within `budget` (one completion always fits).
+fn prompt_pieces(rows: &[usize], rollout: &Rollout, prompts: &[&GrpoPrompt], budget: usize) -> Vec<std::ops::Range<usize>> {
+    let mut pieces = Vec::new();
+    let (mut start, mut longest) = (0, 0);
+    for (i, &j) in rows.iter().enumerate() {
+        let s = &rollout.completions[j];
+        let same_prompt = rollout.completions[rows[start]].prompt_index == s.prompt_index;
+        let wider = longest.max(s.completion.tokens.len());
+        let prompt_len = prompts[s.prompt_index].prompt.len();
+        let fits = prompt_len.saturating_sub(1) + (i + 1 - start) * wider <= budget;
+        if i > start && !(same_prompt && fits) {
+            pieces.push(start..i);
+            start = i;
+            longest = s.completion.tokens.len();
+        } else {
+            longest = wider;
+        }
+    }
+    if start < rows.len() {
+        pieces.push(start..rows.len());
+    }
+    pieces
+}
+
+/// The policy's (or reference's) log-probs of a pass's active tokens, in `m.positions`
+/// order: its prompt once, then every completion after it.
+fn pass_scores<B: Backend>(
+    model: &CausalLm<B>,
+    m: &MicroBatch,
+    rollout: &Rollout,
+    prompts: &[&GrpoPrompt],
+    config: &GrpoConfig,
+    entropy: bool,
+) -> Result<(Tensor<B, 1>, Option<Tensor<B, 1>>)> {
+    let Some(&first) = m.rows.first() else {
+        return Err(GrpoError::Data("an empty training pass".into()));
+    };
+    let prompt = &prompts[rollout.completions[first].prompt_index].prompt;
+    let continuations: Vec<Vec<u32>> = m.rows.iter().map(|&j| rollout.completions[j].completion.tokens.clone()).collect();
+    Ok(model.continuation_scores(prompt, &continuations, &m.active, config.logprob_chunk, f64::from(config.temperature), entropy)?)
 }
 
 fn to_host<B: burn::tensor::backend::Backend>(t: burn::tensor::Tensor<B, 1>) -> Result<Vec<f32>> {

@@ -9,6 +9,7 @@ use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, DType, Tensor};
 
+use crate::lean_attention::causal_attention;
 use crate::lora::LoraAdapter;
 
 /// RMSNorm computed like HF's: normalise in f32, cast back, then scale.
@@ -201,15 +202,13 @@ impl<B: Backend> Attention<B> {
         let keys = k.dims()[2];
         let k = repeat_kv(k, h / kv);
         let v = repeat_kv(v, h / kv);
-        let (mask, is_causal) = match mask {
-            Some(m) => (Some(m.clone().expand([b, h, s, keys])), false),
-            None => (None, true),
+        let out = match mask {
+            Some(m) => {
+                let mask = Some(m.clone().expand([b, h, s, keys]));
+                attention(q, k, v, mask, None, AttentionModuleOptions::default())
+            }
+            None => causal_attention(q, k, v),
         };
-        let options = AttentionModuleOptions {
-            is_causal,
-            ..Default::default()
-        };
-        let out = attention(q, k, v, mask, None, options);
         self.o_proj.forward(out.swap_dims(1, 2).reshape([b, s, h * d]))
     }
 }

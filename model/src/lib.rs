@@ -37,6 +37,7 @@ mod device;
 mod error;
 pub mod gguf;
 mod layers;
+mod lean_attention;
 pub mod lora;
 mod model;
 mod pretrained;

@@ -344,9 +344,78 @@ impl<B: Backend> CausalLm<B> {
             self.config.check_token(t, p / batch.seq, p % batch.seq)?;
         }
         let hidden = self.hidden_states(batch)?;
-        let device = hidden.device();
+        Ok(self.scores_at(hidden.reshape([n, self.config.hidden_size]), positions, targets, chunk, temperature, entropy))
+    }
+
+    /// Log-probs of several continuations of one prompt — GRPO's G completions — with the
+    /// prompt run once: its keys and values are computed a single time and every continuation
+    /// attends to them (the gradient through them is the sum over the continuations). The
+    /// same values and gradients as [`Self::selected_scores`] over the `prompt + continuation`
+    /// rows, for `P − 1 + G·C` tokens instead of `G·(P + C)`. Returns the log-probs of the
+    /// first `active[r]` tokens of each continuation, in order, and with `entropy` their
+    /// entropies (detached).
+    pub fn continuation_scores(
+        &self,
+        prompt: &[u32],
+        continuations: &[Vec<u32>],
+        active: &[usize],
+        chunk: usize,
+        temperature: f64,
+        entropy: bool,
+    ) -> Result<(Tensor<B, 1>, Option<Tensor<B, 1>>)> {
+        if continuations.len() != active.len() || prompt.is_empty() {
+            return Err(ModelError::Input(format!(
+                "{} continuations with {} active counts after a {}-token prompt (need equal counts and a prompt)",
+                continuations.len(),
+                active.len(),
+                prompt.len()
+            )));
+        }
+        if let Some((r, (c, &n))) = continuations.iter().zip(active).enumerate().find(|(_, (c, &n))| n > c.len()) {
+            return Err(ModelError::Input(format!("continuation {r}: {n} active tokens of {}", c.len())));
+        }
+        // Position P − 1 + k predicts continuation token k: the rows start with the prompt's
+        // last token, after a cache of the first P − 1.
+        let rows: Vec<Vec<u32>> = continuations
+            .iter()
+            .zip(active)
+            .map(|(c, &n)| std::iter::once(prompt[prompt.len() - 1]).chain(c[..n.saturating_sub(1)].iter().copied()).collect())
+            .collect();
+        let batch = TokenBatch::new(&rows, crate::batch::Padding::Right, 0)?;
+        let (positions, targets): (Vec<usize>, Vec<u32>) =
+            continuations.iter().zip(active).enumerate().flat_map(|(r, (c, &n))| (0..n).map(move |k| (r * batch.seq + k, c[k]))).unzip();
+        if positions.is_empty() {
+            return Err(ModelError::Input("no active continuation tokens to score".into()));
+        }
+        for (&p, &t) in positions.iter().zip(&targets) {
+            self.config.check_token(t, p / batch.seq, p % batch.seq)?;
+        }
+        let prefix = &prompt[..prompt.len() - 1];
+        let hidden = if prefix.is_empty() {
+            self.hidden_states(&batch)?
+        } else {
+            let mut shared = KvCache::new(1, self.layers.len());
+            self.hidden_cached(&TokenBatch::new(&[prefix.to_vec()], crate::batch::Padding::Right, 0)?, &mut shared)?;
+            let mut cache = shared.select_rows(&vec![0; rows.len()])?;
+            self.hidden_cached(&batch, &mut cache)?
+        };
+        let n = batch.batch * batch.seq;
+        Ok(self.scores_at(hidden.reshape([n, self.config.hidden_size]), &positions, &targets, chunk, temperature, entropy))
+    }
+
+    /// Log-softmax (at `temperature`) of `targets[i]` at rows `positions[i]` of flattened
+    /// hidden states `[n, hidden]`, `chunk` rows through the vocabulary projection at a time.
+    fn scores_at(
+        &self,
+        flat: Tensor<B, 2>,
+        positions: &[usize],
+        targets: &[u32],
+        chunk: usize,
+        temperature: f64,
+        entropy: bool,
+    ) -> (Tensor<B, 1>, Option<Tensor<B, 1>>) {
+        let device = flat.device();
         let h = self.config.hidden_size;
-        let flat = hidden.reshape([n, h]);
         let chunk = chunk.max(1);
         let mut parts = Vec::with_capacity(positions.len().div_ceil(chunk));
         let mut entropies = Vec::new();
@@ -367,7 +436,7 @@ impl<B: Backend> CausalLm<B> {
             parts.push(lsm.gather(1, t).reshape([k]));
         }
         let entropy = entropy.then(|| Tensor::cat(entropies, 0));
-        Ok((Tensor::cat(parts, 0), entropy))
+        (Tensor::cat(parts, 0), entropy)
     }
 
     /// Projects hidden states to vocabulary logits.
@@ -541,6 +610,67 @@ mod layout_tests {
             saved.sort();
             listed.sort();
             assert_eq!(saved, listed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod continuation_tests {
+    use super::*;
+    use crate::CpuTrainBackend as T;
+
+    fn grads_of(model: &CausalLm<T>, loss: Tensor<T, 1>) -> Vec<Vec<f32>> {
+        let grads = loss.backward();
+        let attn = &model.layers[0].self_attn;
+        let params = [
+            model.embed_tokens.weight.val(),
+            attn.q_proj.base.weight.val(),
+            attn.k_proj.base.weight.val(),
+            attn.v_proj.base.weight.val(),
+            model.layers[1].mlp.down_proj.base.weight.val(),
+        ];
+        params
+            .iter()
+            .map(|p| p.grad(&grads).map(|g| g.into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default()).unwrap_or_default())
+            .collect()
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    }
+
+    /// Scoring G continuations after one shared prompt pass gives the log-probs and the
+    /// gradients of scoring each full `prompt + continuation` row on its own — through the
+    /// cached-prefix attention path (long continuations) and the grouped one (short).
+    #[test]
+    fn shared_prompt_scores_and_gradients_match_full_rows() {
+        let config = ModelConfig::preset("tiny").unwrap_or_else(|e| panic!("{e}")).with_vocab_size(97);
+        let model = CausalLm::<T>::random(&config, 3, &Default::default()).unwrap_or_else(|e| panic!("{e}"));
+        let prompt: Vec<u32> = (0..45).map(|i| (i * 7 + 3) % 97).collect();
+        for continuations in [vec![(0..40u32).map(|i| (i * 5 + 1) % 97).collect::<Vec<_>>(), vec![4, 9, 16, 25, 36], vec![11, 12]], vec![vec![5; 6], vec![8, 2, 7]]] {
+            let active: Vec<usize> = continuations.iter().enumerate().map(|(r, c)| if r == 2 { 0 } else { c.len() - usize::from(r == 1) }).collect();
+            let (shared, entropy) = model.continuation_scores(&prompt, &continuations, &active, 7, 0.9, true).unwrap_or_else(|e| panic!("{e}"));
+            assert!(entropy.is_some());
+            let rows: Vec<Vec<u32>> = continuations.iter().map(|c| prompt.iter().chain(c).copied().collect()).collect();
+            let batch = TokenBatch::new(&rows, crate::batch::Padding::Right, 0).unwrap_or_else(|e| panic!("{e}"));
+            let (seq, last) = (batch.seq, prompt.len() - 1);
+            let (positions, targets): (Vec<usize>, Vec<u32>) =
+                continuations.iter().zip(&active).enumerate().flat_map(|(r, (c, &n))| (0..n).map(move |k| (r * seq + last + k, c[k]))).unzip();
+            let (full, _) = model.selected_scores(&batch, &positions, &targets, 7, 0.9, false).unwrap_or_else(|e| panic!("{e}"));
+            let values = |t: &Tensor<T, 1>| t.clone().inner().into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default();
+            let (a, b) = (values(&shared), values(&full));
+            assert_eq!(a.len(), positions.len());
+            assert!(max_diff(&a, &b) < 1e-5, "log-probs differ by {}", max_diff(&a, &b));
+            // A weighted sum, so every token's gradient counts differently.
+            let weights = Tensor::<T, 1>::from_data(TensorData::new((0..a.len()).map(|i| 1.0 + (i % 5) as f32 * 0.3).collect::<Vec<f32>>(), [a.len()]), &Default::default());
+            let ga = grads_of(&model, shared.mul(weights.clone()).sum());
+            let gb = grads_of(&model, full.mul(weights).sum());
+            for (i, (x, y)) in ga.iter().zip(&gb).enumerate() {
+                assert!(!x.is_empty() && x.iter().any(|v| *v != 0.0), "parameter {i} has no gradient");
+                let scale = y.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-3);
+                assert!(max_diff(x, y) < 1e-4 * scale, "parameter {i}: gradients differ by {} (scale {scale})", max_diff(x, y));
+            }
         }
     }
 }

@@ -55,6 +55,7 @@ impl Default for SftConfig {
             eval_generations: 8,
             eval_max_new_tokens: 512,
             logprob_chunk: 512,
+            max_tokens_per_pass: 0,
             lora: None,
         }
     }

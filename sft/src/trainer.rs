@@ -10,6 +10,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ElementConversion;
 use serde::{Deserialize, Serialize};
 use thinkjson_decode::{Constraint, GenerateConfig, Generator, Request, SamplingConfig};
+use thinkjson_model::train::memory::token_pieces;
 use thinkjson_model::train::{attach_lora, save_if_due, seed_step, start_or_resume, AdamW, Control, RunFiles};
 use thinkjson_model::{CausalLm, ModelError, Tokenizer};
 
@@ -271,11 +272,16 @@ fn train_step<B: AutodiffBackend>(
     config: &SftConfig,
     step: u64,
 ) -> Result<StepOutcome<B>> {
-    let batches = plan
-        .micro_batches
-        .iter()
-        .map(|rows| MicroBatch::build(train, rows, pad_id, config.packing))
-        .collect::<Result<Vec<_>>>()?;
+    // Each micro-batch in passes of at most `budget` padded tokens; the loss is normalised by
+    // the step's target count, so the passes sum to the same update.
+    let budget = config.settings().tokens_per_pass(model.config());
+    let mut batches = Vec::new();
+    for rows in &plan.micro_batches {
+        let widths: Vec<usize> = rows.iter().map(|row| row.iter().map(|&i| train[i].len().saturating_sub(1)).sum()).collect();
+        for piece in token_pieces(&widths, budget) {
+            batches.push(MicroBatch::build(train, &rows[piece], pad_id, config.packing)?);
+        }
+    }
     let targets: usize = batches.iter().map(|b| b.targets.len()).sum();
     let tokens: usize = batches.iter().map(MicroBatch::input_tokens).sum();
     let mut accumulator = GradientsAccumulator::<CausalLm<B>>::new();

@@ -40,3 +40,9 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
+
+/// The logits of one right-padded sequence: a fingerprint of every weight of `model`.
+pub fn logits_of<B: Backend>(model: &thinkjson_model::CausalLm<B>, tokens: &[u32]) -> Vec<f32> {
+    let batch = thinkjson_model::TokenBatch::new(&[tokens.to_vec()], thinkjson_model::Padding::Right, 0).expect("batch");
+    to_vec(model.forward(&batch).expect("forward"))
+}

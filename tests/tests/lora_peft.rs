@@ -7,14 +7,14 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use common::{fixtures, max_abs_diff, read_json, to_vec};
+use common::{fixtures, logits_of, max_abs_diff, read_json, to_vec};
 use serde_json::json;
 use thinkjson_model::burn::module::AutodiffModule;
 use thinkjson_model::burn::optim::GradientsParams;
 use thinkjson_model::burn::tensor::backend::AutodiffBackend;
 use thinkjson_model::burn::tensor::ElementConversion;
 use thinkjson_model::train::{AdamW, AdamWConfig, Checkpoints};
-use thinkjson_model::{CausalLm, CpuTrainBackend, LoraConfig, ModelConfig, Padding, StorageDtype, TokenBatch, Tokenizer};
+use thinkjson_model::{CausalLm, CpuTrainBackend, LoraConfig, ModelConfig, StorageDtype, Tokenizer};
 use thinkjson_sft::{completion_loss, MicroBatch, SftExample};
 
 type B = CpuTrainBackend;
@@ -71,11 +71,6 @@ fn assert_close_peft(name: &str, ours_burn: Vec<f32>, burn_dims: [usize; 2], pef
     let ours = transpose(&ours_burn, burn_dims[0], burn_dims[1]);
     let d = max_abs_diff(&ours, &peft.1);
     assert!(d <= tol, "{name}: max |Δ| {d} > {tol}");
-}
-
-fn logits_of<Bk: thinkjson_model::burn::tensor::backend::Backend>(model: &CausalLm<Bk>, tokens: &[u32]) -> Vec<f32> {
-    let batch = TokenBatch::new(&[tokens.to_vec()], Padding::Right, 0).expect("batch");
-    to_vec(model.forward(&batch).expect("forward"))
 }
 
 #[test]

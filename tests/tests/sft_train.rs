@@ -5,7 +5,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{assets, fixtures, read_json};
+use common::{assets, fixtures, logits_of, max_abs_diff, read_json};
 use thinkjson_model::burn::module::AutodiffModule;
 use thinkjson_model::burn::optim::GradientsParams;
 use thinkjson_model::burn::tensor::{ElementConversion, Tensor, TensorData};
@@ -289,4 +289,31 @@ fn training_loss_falls_on_synthetic_data_with_the_tiny_preset() {
     assert_eq!(eval.generations, 1);
     // The trained model generalises to the inner backend used for generation.
     let _inner = trained.valid();
+}
+
+/// A token budget cuts each micro-batch into forward/backward passes (every row alone at a
+/// budget of 1); the losses and the trained weights stay those of one pass per micro-batch.
+#[test]
+fn a_token_budget_changes_the_passes_not_the_update() {
+    let data = random_examples(11);
+    let tok = tokenizer();
+    let config = SftConfig { max_steps: Some(3), save_every: 0, ..resume_config() };
+    let probe = [3u32, 9, 27, 81, 5];
+    let mut runs = Vec::new();
+    for budget in [0, 1, 12] {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut rec = Record { losses: Vec::new(), stop_after: None };
+        let run = run_in(dir.path(), SftConfig { max_tokens_per_pass: budget, ..config.clone() }, false);
+        let (model, _) = train(small_model(1), &tok, &data, &[], &run, &mut rec).expect("train");
+        runs.push((budget, rec.losses, logits_of(&model.valid(), &probe)));
+    }
+    let (_, losses, logits) = &runs[0];
+    for (budget, l, g) in &runs[1..] {
+        for (a, b) in l.iter().zip(losses) {
+            assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "budget {budget}: loss {a} vs {b}");
+        }
+        let d = max_abs_diff(g, logits);
+        assert!(d <= 1e-5, "budget {budget}: logits after training differ by {d}");
+    }
+    assert!(max_abs_diff(logits, &logits_of(&small_model(1).valid(), &probe)) > 1e-3, "training moved the weights");
 }

@@ -20,11 +20,13 @@ pub struct BenchArgs {
     /// Small shapes and few steps (what CI runs).
     #[arg(long)]
     pub quick: bool,
-    /// Comma-separated presets for the model suite.
+    /// Comma-separated presets for the model suite (random weights); `--model` measures a real
+    /// model instead.
     #[arg(long)]
     shapes: Option<String>,
     /// The model suite at real prompt lengths: for each length L (comma-separated, e.g.
-    /// 2048,4096), prefill 1×L and decode batch 1 and 8 after L-token prompts, instead of the
+    /// 2048,4096), prefill 1×L, decode batch 1 and 8 after L-token prompts and (models under
+    /// 0.5B) a training forward+backward of 1×L with the peak RSS after it, instead of the
     /// short-prompt figures.
     #[arg(long, value_delimiter = ',')]
     context: Option<Vec<usize>>,
@@ -37,6 +39,23 @@ pub struct BenchArgs {
     /// The `gguf` suite: the GGUF file to measure (default: the embedded SmolLM2).
     #[arg(long)]
     pub input: Option<PathBuf>,
+    /// A real model (HF directory, GGUF file or embedded name) for the `model` suite (its
+    /// weights instead of a random preset) and the `grpo` suite (GRPO steps of it on synthetic
+    /// prompts: free rollouts, β = 0, dapo, the default token budget, as
+    /// `scripts/bench_trl_grpo.py` runs TRL on the same prompts).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// `grpo --model`: prompts per step, completions per prompt (G), new tokens per completion
+    /// and steps (the first is reported apart: it allocates the optimiser state).
+    #[arg(long, value_delimiter = ',', default_value = "2,8,64,3")]
+    pub grpo_shape: Vec<usize>,
+    /// `grpo --model`: longest prompt kept, in tokens.
+    #[arg(long, default_value_t = 1024)]
+    pub max_prompt_len: usize,
+    /// `grpo --model`: also write the prompts (chat-rendered text and ids) as JSONL, for
+    /// `scripts/bench_trl_grpo.py --prompts`.
+    #[arg(long)]
+    pub prompts_out: Option<PathBuf>,
     /// Scratch folder of the `gguf` suite's child steps.
     #[arg(long, hide = true)]
     pub scratch: Option<PathBuf>,
@@ -97,11 +116,26 @@ fn model_suite(args: &BenchArgs, figures: &mut Vec<Figure>) -> Result<()> {
     let default = if args.quick { "tiny,smollm2-135m" } else { "smollm2-135m,qwen2.5-1.5b" };
     let shapes = args.shapes.clone().unwrap_or_else(|| default.to_string());
     let (prefill_len, steps) = if args.quick { (128, 8) } else { (512, 16) };
-    for name in shapes.split(',').map(str::trim) {
-        let config = ModelConfig::preset(name)?;
+    // A real model (--model) is measured under its file name; presets get random weights.
+    let pretrained = args.model.as_deref().map(crate::model_ref::open).transpose()?;
+    let names: Vec<String> = match &args.model {
+        Some(path) => vec![path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned())],
+        None => shapes.split(',').map(|s| s.trim().to_string()).collect(),
+    };
+    for name in names.iter().map(String::as_str) {
         let device = Default::default();
         let t = Instant::now();
-        let model = CausalLm::<CpuBackend>::random(&config, 0, &device)?;
+        let model = match &pretrained {
+            Some(p) => crate::model_ref::load::<CpuBackend>(p, None, &device)?,
+            None => CausalLm::<CpuBackend>::random(&ModelConfig::preset(name)?, 0, &device)?,
+        };
+        let config = model.config().clone();
+        let train_model = || -> Result<CausalLm<CpuTrainBackend>> {
+            Ok(match &pretrained {
+                Some(p) => crate::model_ref::load::<CpuTrainBackend>(p, None, &device)?,
+                None => CausalLm::random(&config, 0, &device)?,
+            })
+        };
         push(figures, name, "init", t.elapsed().as_secs_f64(), "s");
         if let Some(lengths) = &args.context {
             for &len in lengths {
@@ -111,6 +145,14 @@ fn model_suite(args: &BenchArgs, figures: &mut Vec<Figure>) -> Result<()> {
                     push(figures, name, &format!("decode batch {b} @ {len}"), rate, "tokens/s");
                 }
                 push(figures, name, "peak RSS so far", peak_rss_mib(), "MiB");
+            }
+            if config.num_parameters() < 500_000_000 {
+                for &len in lengths {
+                    let before = peak_rss_mib();
+                    let rate = train_rate(train_model()?, len)?;
+                    push(figures, name, &format!("train fwd+bwd 1x{len}"), rate, "tokens/s");
+                    push(figures, name, &format!("peak RSS after train 1x{len} (was {before:.0})"), peak_rss_mib(), "MiB");
+                }
             }
             continue;
         }
@@ -134,7 +176,7 @@ fn model_suite(args: &BenchArgs, figures: &mut Vec<Figure>) -> Result<()> {
             push(figures, name, &format!("decode batch {b}"), rate, "tokens/s");
         }
         if config.num_parameters() < 500_000_000 {
-            let rate = train_rate::<CpuTrainBackend>(&config, if args.quick { 64 } else { 128 })?;
+            let rate = train_rate(train_model()?, if args.quick { 64 } else { 128 })?;
             push(figures, name, "train fwd+bwd 1x128", rate, "tokens/s");
         }
         push(figures, name, "peak RSS so far", peak_rss_mib(), "MiB");
@@ -325,8 +367,7 @@ fn sft_suite(args: &BenchArgs, figures: &mut Vec<Figure>) -> Result<()> {
     Ok(())
 }
 
-fn train_rate<B: AutodiffBackend>(config: &ModelConfig, len: usize) -> Result<f64> {
-    let model = CausalLm::<B>::random(config, 0, &Default::default())?;
+fn train_rate<B: AutodiffBackend>(model: CausalLm<B>, len: usize) -> Result<f64> {
     let ids: Vec<u32> = (0..len as u32).map(|i| (i * 31) % 500 + 3).collect();
     let targets: Vec<u32> = ids.iter().skip(1).copied().chain([1]).collect();
     let batch = TokenBatch::new(&[ids], Padding::Right, 0)?;

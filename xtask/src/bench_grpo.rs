@@ -2,7 +2,9 @@
 //! prompts), free and think-then-JSON-constrained rollouts. On the CPU at the tiny preset;
 //! `bench gpu` runs the same step at the 1.5B shape on CUDA.
 
-use anyhow::Result;
+use std::path::Path;
+
+use anyhow::{bail, Result};
 use thinkjson_grpo::{Control, GrpoConfig, GrpoRun, Observer, RolloutConstraint, StepMetrics, TimeSplit};
 use thinkjson_model::burn::tensor::backend::AutodiffBackend;
 use thinkjson_model::{CausalLm, CpuTrainBackend, ModelConfig, Tokenizer};
@@ -21,7 +23,82 @@ impl Observer for Times {
 }
 
 pub fn grpo_suite(args: &BenchArgs, figures: &mut Vec<Figure>) -> Result<()> {
-    grpo_step::<CpuTrainBackend>(args.quick, "grpo/tiny", "tiny", &Default::default(), figures)
+    match &args.model {
+        Some(model) => real_model_steps(args, model, figures),
+        None => grpo_step::<CpuTrainBackend>(args.quick, "grpo/tiny", "tiny", &Default::default(), figures),
+    }
+}
+
+/// GRPO steps of a real model on synthetic extraction prompts with its own tokenizer and chat
+/// template: free rollouts, β = 0, dapo, default token budget; every step's phases, the
+/// median of the steps after the first, and the process's peak RSS.
+fn real_model_steps(args: &BenchArgs, model_arg: &Path, figures: &mut Vec<Figure>) -> Result<()> {
+    let [prompts_per_step, g, len, steps] = args.grpo_shape[..] else {
+        bail!("--grpo-shape takes four numbers: prompts per step, G, new tokens, steps (got {:?})", args.grpo_shape);
+    };
+    if steps < 2 || prompts_per_step == 0 || g < 2 || len == 0 {
+        bail!("--grpo-shape: need ≥ 1 prompt, G ≥ 2, ≥ 1 new token and ≥ 2 steps (got {:?})", args.grpo_shape);
+    }
+    let pretrained = crate::model_ref::open(model_arg)?;
+    let scratch = tempfile::tempdir()?;
+    let tok_dir = crate::model_ref::tokenizer_dir(&pretrained, scratch.path())?;
+    let tokenizer = Tokenizer::from_path(&tok_dir)?;
+    let template = crate::cmd_decode::chat_template(&tok_dir)?;
+    let rows = thinkjson_synth::generate(thinkjson_synth::SynthConfig { rows: 4 * prompts_per_step * steps, seed: 5, ..Default::default() })?;
+    let (prompts, _) = thinkjson_grpo::encode_prompts(&tokenizer, &template, &rows, args.max_prompt_len)?;
+    if prompts.len() < prompts_per_step {
+        bail!("only {} synthetic prompts fit --max-prompt-len {}", prompts.len(), args.max_prompt_len);
+    }
+    let config = GrpoConfig {
+        num_generations: g,
+        prompts_per_step,
+        max_steps: steps as u64,
+        max_completion_len: len,
+        constraint: RolloutConstraint::None,
+        lr: 1e-6,
+        save_every: 0,
+        sample_every: 0,
+        ..GrpoConfig::default()
+    };
+    if let Some(path) = &args.prompts_out {
+        // The prompts in the order the run uses them, so the reference trains on the same ones.
+        let mut text = String::new();
+        for step in 0..steps as u64 {
+            for i in thinkjson_grpo::prompts_of_step(prompts.len(), &config, step) {
+                let p = &prompts[i];
+                let rendered = tokenizer.decode(&p.prompt, false)?;
+                text.push_str(&serde_json::to_string(&serde_json::json!({"id": p.id, "prompt": rendered, "prompt_ids": p.prompt}))?);
+                text.push('\n');
+            }
+        }
+        thinkjson_model::write_atomic(path, text.as_bytes())?;
+    }
+    let used: Vec<usize> = (0..steps as u64).flat_map(|s| thinkjson_grpo::prompts_of_step(prompts.len(), &config, s)).map(|i| prompts[i].prompt.len()).collect();
+    let name = model_arg.file_name().map_or_else(|| model_arg.display().to_string(), |n| n.to_string_lossy().into_owned());
+    let prefix = format!("grpo/{name}/{prompts_per_step}x{g} prompts x G, {len} new tokens");
+    let mut fig = |what: &str, value: f64, unit: &'static str| figures.push(Figure { name: format!("{prefix}/{what}"), value, unit });
+    fig("prompt length (mean of those trained on)", used.iter().sum::<usize>() as f64 / used.len().max(1) as f64, "tokens");
+    let device = Default::default();
+    let model = crate::model_ref::load::<CpuTrainBackend>(&pretrained, None, &device)?;
+    fig("tokens per pass (automatic budget)", config.settings().tokens_per_pass(model.config()) as f64, "tokens");
+    let dir = tempfile::tempdir()?;
+    let run = GrpoRun { config, checkpoint_root: dir.path().to_path_buf(), extra_files: Vec::new(), resume: false };
+    let rewards = RewardSet::default().with(Box::new(LengthReward { target_chars: len * 3 }), 0.1);
+    let mut times = Times::default();
+    thinkjson_grpo::train(model, &tokenizer, &prompts, &rewards, &run, &mut times)?;
+    for (i, t) in times.0.iter().enumerate() {
+        fig(&format!("step {}", i + 1), t.total, "s");
+    }
+    let mut rest = times.0[1..].to_vec();
+    rest.sort_by(|a, b| a.total.total_cmp(&b.total));
+    let t = rest[rest.len() / 2];
+    fig("median step after the first", t.total, "s");
+    fig("generation", t.generation, "s");
+    fig("log-probs (policy forward)", t.logprobs, "s");
+    fig("backward", t.backward, "s");
+    fig("optimizer", t.optimizer, "s");
+    fig("peak RSS", crate::bench::peak_rss_mib(), "MiB");
+    Ok(())
 }
 
 /// Median GRPO step (steps after the first) of `preset` on backend `B`, split by phase.

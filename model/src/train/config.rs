@@ -26,6 +26,7 @@ pub struct TrainSettings {
     pub keep_last: usize,
     pub grad_accum: usize,
     pub logprob_chunk: usize,
+    pub max_tokens_per_pass: usize,
     pub lora: Option<LoraConfig>,
 }
 
@@ -59,6 +60,12 @@ impl TrainSettings {
             lora.validate().map_err(|e| ("lora", e.to_string()))?;
         }
         Ok(())
+    }
+
+    /// The token budget of one forward/backward pass for `model` (the setting, or the
+    /// automatic one when it is 0).
+    pub fn tokens_per_pass(&self, model: &crate::ModelConfig) -> usize {
+        super::memory::tokens_per_pass(self.max_tokens_per_pass, model)
     }
 
     /// Warmup over `warmup_ratio` of `total_updates`, then the decay down to `min_lr_ratio`.
@@ -108,6 +115,12 @@ macro_rules! trainer_config {
             /// Vocabulary rows projected at once when scoring tokens (memory vs speed).
             /// Default 512.
             pub logprob_chunk: usize,
+            /// Padded tokens (rows × longest row) one forward/backward pass may hold; a
+            /// micro-batch bigger than this is cut into passes whose gradients are summed
+            /// (same update, bounded memory; see `train::memory`). 0 derives it from the model
+            /// so that a pass keeps about 4 GiB of activations (SmolLM2-135M: 1,354 tokens).
+            /// Default 0.
+            pub max_tokens_per_pass: usize,
             /// LoRA adapters instead of full fine-tuning (`[lora]` in a file: `r`, `alpha`,
             /// `dropout`, `target_modules`, `use_rslora`). Default: none — every weight trains.
             pub lora: ::core::option::Option<$crate::LoraConfig>,
@@ -128,6 +141,7 @@ macro_rules! trainer_config {
                     keep_last: self.keep_last,
                     grad_accum: self.grad_accum,
                     logprob_chunk: self.logprob_chunk,
+                    max_tokens_per_pass: self.max_tokens_per_pass,
                     lora: self.lora.clone(),
                 }
             }

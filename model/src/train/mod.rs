@@ -10,12 +10,16 @@
 //!    non-finite gradients, clips and updates;
 //! 3. every so often, [`Checkpoints::save`] with [`write_training_state`].
 //!
+//! A micro-batch's forward/backward is cut into passes of at most `max_tokens_per_pass`
+//! padded tokens ([`memory::token_pieces`]), so memory is bounded whatever the batch.
+//!
 //! [`start_or_resume`] and [`save_if_due`] are the skeleton around that loop: fresh run or
 //! exact resume (full weights, or LoRA adapters onto the frozen base), and checkpoints.
 
 mod adamw;
 mod checkpoint;
 mod config;
+pub mod memory;
 mod schedule;
 mod session;
 

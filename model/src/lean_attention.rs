@@ -1,0 +1,213 @@
+//! Causal self-attention for training whose backward pass recomputes the attention
+//! probabilities a block of queries at a time instead of keeping them.
+//!
+//! Under burn's autodiff, `attention` falls back to matmul + mask + softmax and keeps every
+//! `[batch, heads, seq, seq]` intermediate for the backward pass: at 1,024 tokens that is two
+//! thirds of SmolLM2's training memory, and it grows with the square of the length. Here the
+//! forward pass runs the backend's fused kernel and keeps only q, k and v; the backward pass
+//! rebuilds `P = softmax(q kᵀ / √d)` for one block of queries at a time (flash-attention's
+//! recomputation, without its tiling of the keys) and gives
+//! `dV = Pᵀ dO`, `dS = P ∘ (dO vᵀ − rowsum(P ∘ dO vᵀ))`, `dQ = dS k / √d`, `dK = dSᵀ q / √d`.
+//! Memory for attention becomes linear in the length.
+//!
+//! burn has no public hook for a custom backward inside a model generic over `Backend`, so
+//! [`causal_attention`] recognises the CPU training backend by type at run time and takes
+//! this path there; every other backend (inference, CUDA) gets the plain fused call.
+
+use std::any::{Any, TypeId};
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::Autodiff;
+use burn::tensor::activation::softmax;
+use burn::tensor::backend::{Backend, BackendTypes};
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Bool, Tensor, TensorData, TensorPrimitive};
+
+/// Elements of one block's `[batch, heads, queries, keys]` score tensor in the backward pass
+/// (64 MiB in f32): big enough for efficient matmuls, small beside the model.
+const BLOCK_ELEMENTS: usize = 16 << 20;
+
+/// `softmax(q kᵀ / √d + causal mask) v` for q `[batch, heads, queries, head_dim]` and k, v
+/// `[batch, heads, keys, head_dim]` (repeated to the query heads), the queries being the last
+/// `queries` of the `keys` positions (after a cached prefix). Same values as the fused kernel
+/// on every backend; on the CPU training backend the backward pass keeps no
+/// `queries × keys` tensor.
+pub(crate) fn causal_attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Tensor<B, 4> {
+    match lean::<B, crate::CpuBackend>(q, k, v, None) {
+        Ok(out) => out,
+        Err((q, k, v)) => fused(q, k, v),
+    }
+}
+
+fn fused<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Tensor<B, 4> {
+    let options = AttentionModuleOptions { is_causal: true, ..Default::default() };
+    attention(q, k, v, None, None, options)
+}
+
+type Inner<I> = <I as BackendTypes>::FloatTensorPrimitive;
+type Parts<B> = (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>);
+type Primitive<I> = <Autodiff<I> as BackendTypes>::FloatTensorPrimitive;
+
+/// The recomputing path when `B` is `Autodiff<I>`; the inputs back otherwise. `block`
+/// overrides the query block (tests).
+fn lean<B: Backend, I: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, block: Option<usize>) -> Result<Tensor<B, 4>, Parts<B>> {
+    if TypeId::of::<B>() != TypeId::of::<Autodiff<I>>() {
+        return Err((q, k, v));
+    }
+    let cast = |t: &Tensor<B, 4>| -> Option<Primitive<I>> {
+        let primitive = t.clone().into_primitive().tensor();
+        (&primitive as &dyn Any).downcast_ref::<Primitive<I>>().cloned()
+    };
+    let (Some(qa), Some(ka), Some(va)) = (cast(&q), cast(&k), cast(&v)) else {
+        return Err((q, k, v));
+    };
+    let inner = |p: &Primitive<I>| Tensor::<I, 4>::from_primitive(TensorPrimitive::Float(p.primitive.clone()));
+    let out = fused(inner(&qa), inner(&ka), inner(&va)).into_primitive().tensor();
+    let [b, h, s, _] = q.dims();
+    let keys = k.dims()[2];
+    let block = block.unwrap_or_else(|| (BLOCK_ELEMENTS / (b * h * keys).max(1)).clamp(16, s.max(16)));
+    let backward = RecomputedAttention { block };
+    let out: Primitive<I> = match backward
+        .prepare::<NoCheckpointing>([qa.node.clone(), ka.node.clone(), va.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish((qa.primitive, ka.primitive, va.primitive), out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    };
+    match (Box::new(out) as Box<dyn Any>).downcast::<<B as BackendTypes>::FloatTensorPrimitive>() {
+        Ok(p) => Ok(Tensor::from_primitive(TensorPrimitive::Float(*p))),
+        // Unreachable (B is Autodiff<I>), but the fused path is always correct.
+        Err(_) => Err((q, k, v)),
+    }
+}
+
+#[derive(Debug)]
+struct RecomputedAttention {
+    block: usize,
+}
+
+impl<I: Backend> Backward<I, 3> for RecomputedAttention {
+    type State = (Inner<I>, Inner<I>, Inner<I>);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let float = |p: Inner<I>| Tensor::<I, 4>::from_primitive(TensorPrimitive::Float(p));
+        let (q, k, v) = ops.state;
+        let (q, k, v) = (float(q), float(k), float(v));
+        let d_out = float(grads.consume::<I>(&ops.node));
+        let [dq, dk, dv] = recomputed_grads(q, k, v, d_out, self.block);
+        let [pq, pk, pv] = ops.parents;
+        for (parent, grad) in [(pq, dq), (pk, dk), (pv, dv)] {
+            if let Some(node) = parent {
+                grads.register::<I>(node.id, grad.into_primitive().tensor());
+            }
+        }
+    }
+}
+
+/// Gradients of q, k and v, one block of queries at a time. With `offset = keys − queries`,
+/// query block `[start, end)` sees keys `[0, offset + end)` only (causal), so it touches the
+/// first `offset + end` rows of dK and dV.
+fn recomputed_grads<I: Backend>(q: Tensor<I, 4>, k: Tensor<I, 4>, v: Tensor<I, 4>, d_out: Tensor<I, 4>, block: usize) -> [Tensor<I, 4>; 3] {
+    let [b, h, s, d] = q.dims();
+    let keys = k.dims()[2];
+    let offset = keys.saturating_sub(s);
+    let device = q.device();
+    let scale = 1.0 / (d as f64).sqrt();
+    let mut dq_blocks = Vec::with_capacity(s.div_ceil(block.max(1)));
+    let mut dk = Tensor::<I, 4>::zeros([b, h, keys, d], &device);
+    let mut dv = Tensor::<I, 4>::zeros([b, h, keys, d], &device);
+    let mut start = 0;
+    while start < s {
+        let end = (start + block.max(1)).min(s);
+        let (n, seen) = (end - start, offset + end);
+        let qb = q.clone().slice([0..b, 0..h, start..end, 0..d]);
+        let kb = k.clone().slice([0..b, 0..h, 0..seen, 0..d]);
+        let vb = v.clone().slice([0..b, 0..h, 0..seen, 0..d]);
+        let gb = d_out.clone().slice([0..b, 0..h, start..end, 0..d]);
+        // Query start + i sits at key position offset + start + i and sees the keys up to it.
+        let blocked: Vec<bool> = (0..n).flat_map(|i| (0..seen).map(move |j| j > offset + start + i)).collect();
+        let blocked = Tensor::<I, 4, Bool>::from_data(TensorData::new(blocked, [1, 1, n, seen]), &device);
+        let scores = qb.clone().matmul(kb.clone().swap_dims(2, 3)).mul_scalar(scale);
+        let p = softmax(scores.mask_fill(blocked.expand([b, h, n, seen]), f32::NEG_INFINITY), 3);
+        let dp = gb.clone().matmul(vb.swap_dims(2, 3));
+        let row = p.clone().mul(dp.clone()).sum_dim(3);
+        let ds = p.clone().mul(dp.sub(row));
+        dq_blocks.push(ds.clone().matmul(kb).mul_scalar(scale));
+        let ranges = [0..b, 0..h, 0..seen, 0..d];
+        let dk_part = ds.swap_dims(2, 3).matmul(qb).mul_scalar(scale);
+        let dv_part = p.swap_dims(2, 3).matmul(gb);
+        // One block covering every query writes the whole of dK and dV.
+        let whole = start == 0 && end == s;
+        dk = if whole { dk_part } else { dk.clone().slice_assign(ranges.clone(), dk.slice(ranges.clone()).add(dk_part)) };
+        dv = if whole { dv_part } else { dv.clone().slice_assign(ranges.clone(), dv.slice(ranges).add(dv_part)) };
+        start = end;
+    }
+    [Tensor::cat(dq_blocks, 2), dk, dv]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{CpuBackend, CpuTrainBackend};
+    use burn::tensor::Distribution;
+
+    type T = CpuTrainBackend;
+
+    /// The reference: burn's own differentiable fallback (keeps the scores).
+    fn plain(q: Tensor<T, 4>, k: Tensor<T, 4>, v: Tensor<T, 4>) -> Tensor<T, 4> {
+        let [_, _, s, d] = q.dims();
+        let keys = k.dims()[2];
+        let offset = keys - s;
+        let blocked: Vec<bool> = (0..s).flat_map(|i| (0..keys).map(move |j| j > offset + i)).collect();
+        let blocked = Tensor::<T, 4, Bool>::from_data(TensorData::new(blocked, [1, 1, s, keys]), &q.device());
+        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(1.0 / (d as f64).sqrt());
+        let dims = scores.dims();
+        softmax(scores.mask_fill(blocked.expand(dims), f32::NEG_INFINITY), 3).matmul(v)
+    }
+
+    fn max_diff(a: Tensor<CpuBackend, 4>, b: Tensor<CpuBackend, 4>) -> f32 {
+        a.sub(b).abs().max().into_scalar()
+    }
+
+    #[test]
+    fn values_and_gradients_match_the_kept_scores_path() {
+        let device = Default::default();
+        // (queries, keys, query block): square, one block, tiny, and after a cached prefix.
+        for (s, keys, block) in [(37, 37, 16), (40, 40, 40), (9, 9, 128), (21, 50, 8), (5, 30, 128)] {
+            let random = |n: usize| Tensor::<CpuBackend, 4>::random([2, 3, n, 8], Distribution::Normal(0.0, 1.0), &device);
+            let inputs = [random(s), random(keys), random(keys), random(s)];
+            let leaf = |i: usize| Tensor::<T, 4>::from_inner(inputs[i].clone()).require_grad();
+            let run = |lean_path: bool| {
+                let (q, k, v) = (leaf(0), leaf(1), leaf(2));
+                let out = if lean_path {
+                    lean::<T, CpuBackend>(q.clone(), k.clone(), v.clone(), Some(block)).unwrap_or_else(|_| panic!("not the training backend"))
+                } else {
+                    plain(q.clone(), k.clone(), v.clone())
+                };
+                // A weighted sum, so dO is not uniform.
+                let loss = out.clone().mul(Tensor::from_inner(inputs[3].clone())).sum();
+                let grads = loss.backward();
+                let g = |t: &Tensor<T, 4>| t.grad(&grads).unwrap_or_else(|| panic!("no gradient"));
+                (out.inner(), g(&q), g(&k), g(&v))
+            };
+            let (o1, q1, k1, v1) = run(true);
+            let (o2, q2, k2, v2) = run(false);
+            for (what, a, b) in [("output", o1, o2), ("dq", q1, q2), ("dk", k1, k2), ("dv", v1, v2)] {
+                let diff = max_diff(a, b);
+                assert!(diff < 1e-5, "{s} queries, {keys} keys, block {block}: {what} differs by {diff}");
+            }
+        }
+    }
+
+    #[test]
+    fn other_backends_take_the_fused_path() {
+        let device = Default::default();
+        let t = || Tensor::<CpuBackend, 4>::random([1, 2, 5, 4], Distribution::Default, &device);
+        assert!(lean::<CpuBackend, CpuBackend>(t(), t(), t(), None).is_err());
+    }
+}

@@ -13,10 +13,10 @@ use serde::{Deserialize, Serialize};
 use thinkjson_model::{CausalLm, KvCache, Padding, TokenBatch, Tokenizer};
 
 use crate::closing::{closing_cost, ClosingRanks, ClosingWatch};
-use crate::constraint::{CompiledConstraint, Constraint};
+use crate::constraint::{CompiledConstraint, Constraint, OutputCheck};
 use crate::env::ConstraintEnv;
 use crate::error::{DecodeError, Result};
-use crate::sampling::{logprob_with_lse, sample, SamplingConfig};
+use crate::sampling::{logprob_with_lse, lse_at, sample, SamplingConfig};
 
 /// Settings shared by every sequence of a [`Generator::generate`] call.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -165,16 +165,16 @@ impl std::fmt::Debug for Generator {
 }
 
 /// What one forward pass hands back to the host.
-struct StepOutput {
+pub(crate) struct StepOutput {
     /// Next-token logits, `[batch * vocab]`.
-    last: Vec<f32>,
+    pub(crate) last: Vec<f32>,
     /// `logsumexp(logits / t)` per row.
-    lse: Vec<f32>,
+    pub(crate) lse: Vec<f32>,
     /// Log-probs of each row's forced tokens.
-    scored: Vec<Vec<f32>>,
+    pub(crate) scored: Vec<Vec<f32>>,
 }
 
-struct Seq {
+pub(crate) struct Seq {
     matcher: Option<Matcher>,
     rng: ChaCha8Rng,
     tokens: Vec<u32>,
@@ -191,6 +191,46 @@ struct Seq {
     forced: usize,
     watch: ClosingWatch,
     think: Option<ThinkGuard>,
+    /// The allowed tokens at the matcher's current state, computed while the forward pass
+    /// that produces this step's logits ran.
+    premask: Option<std::result::Result<Vec<u32>, String>>,
+}
+
+impl Seq {
+    /// A sequence about to prefill `r.prompt` under `cc`.
+    pub(crate) fn new(r: &Request, cc: Option<&CompiledConstraint>, seed: u64, config: &GenerateConfig) -> Self {
+        Seq {
+            think: cc.and_then(|c| c.think_close.clone()).map(|t| ThinkGuard { close: t.tokens, budget: t.budget, used: 0, open: true }),
+            matcher: cc.map(CompiledConstraint::matcher),
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            tokens: Vec::new(),
+            logprobs: Vec::new(),
+            pending: r.prompt.clone(),
+            unscored: 0,
+            finish: (config.max_new_tokens == 0).then_some(FinishReason::Length),
+            error: None,
+            bytes: Vec::new(),
+            stop_at: None,
+            mask_micros: Vec::new(),
+            forced: 0,
+            watch: ClosingWatch::default(),
+            premask: None,
+        }
+    }
+
+    pub(crate) fn finish(&self) -> Option<FinishReason> {
+        self.finish
+    }
+
+    pub(crate) fn clear_pending(&mut self) {
+        self.pending.clear();
+    }
+
+    /// Whether the sequence waits for a forward pass (its new tokens, or the log-probs of
+    /// forced ones).
+    pub(crate) fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
 }
 
 impl Generator {
@@ -252,7 +292,7 @@ impl Generator {
     /// The reasoning budget a think-then-JSON request actually gets: at most what
     /// `max_new_tokens` leaves after the tags and the JSON's own closing cost (and the
     /// closing margin), so the JSON always has room.
-    fn fit_think_budget(&self, constraint: &Constraint, config: &GenerateConfig) -> Result<Constraint> {
+    pub(crate) fn fit_think_budget(&self, constraint: &Constraint, config: &GenerateConfig) -> Result<Constraint> {
         let Constraint::ThinkThenJson { schema, max_think_tokens, style } = constraint else {
             return Ok(constraint.clone());
         };
@@ -292,15 +332,9 @@ impl Generator {
             effective.push(Request { prompt: r.prompt.clone(), constraint, seed: Some(seed_of(r, i, config)) });
         }
         let (mut out, mut stats, checks) = self.generate_once(model, &effective, config)?;
-        let violation = |i: usize, c: &Completion| -> Option<String> {
-            let check = checks[i].as_ref()?;
-            matches!(c.finish, FinishReason::ConstraintComplete | FinishReason::Eos).then(|| check.violation(&c.text)).flatten()
-        };
+        let violation = |i: usize, c: &Completion| violation_of(checks[i].as_ref(), c);
         let mut failing: Vec<(usize, String)> = out.iter().enumerate().filter_map(|(i, c)| violation(i, c).map(|v| (i, v))).collect();
-        let mut retry_config = config.clone();
-        if retry_config.sampling.temperature <= 0.0 {
-            retry_config.sampling.temperature = 1.0;
-        }
+        let retry_config = retry_config(config);
         for attempt in 1..=config.max_retries as u64 {
             if failing.is_empty() {
                 break;
@@ -309,8 +343,7 @@ impl Generator {
                 .iter()
                 .map(|&(i, _)| {
                     let r = &effective[i];
-                    let seed = r.seed.unwrap_or(0) ^ attempt.wrapping_mul(0xD1B5_4A32_D192_ED03);
-                    Request { prompt: r.prompt.clone(), constraint: r.constraint.clone(), seed: Some(seed) }
+                    Request { prompt: r.prompt.clone(), constraint: r.constraint.clone(), seed: Some(retry_seed(r.seed.unwrap_or(0), attempt)) }
                 })
                 .collect();
             let (outs, s, _) = self.generate_once(model, &again, &retry_config)?;
@@ -327,15 +360,7 @@ impl Generator {
             failing = still;
         }
         for (i, why) in failing {
-            let named = checks[i].as_ref().map(|c| c.validated.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")).unwrap_or_default();
-            let keywords = if named.is_empty() {
-                "the grammar and the validator disagree".to_string()
-            } else {
-                format!("keywords checked only after generation: {named}")
-            };
-            let c = &mut out[i];
-            c.finish = FinishReason::ConstraintError;
-            c.error = Some(format!("constraint_error: invalid under the full schema after {} tries ({keywords}): {why}", c.retries + 1));
+            give_up(&mut out[i], checks[i].as_ref(), &why);
         }
         stats.total_secs = start.elapsed().as_secs_f64();
         Ok((out, stats))
@@ -348,7 +373,7 @@ impl Generator {
         model: &CausalLm<B>,
         requests: &[Request],
         config: &GenerateConfig,
-    ) -> Result<(Vec<Completion>, GenerationStats, Vec<Option<crate::constraint::OutputCheck>>)> {
+    ) -> Result<(Vec<Completion>, GenerationStats, Vec<Option<OutputCheck>>)> {
         let start = Instant::now();
         if requests.is_empty() {
             return Ok((Vec::new(), GenerationStats::default(), Vec::new()));
@@ -369,25 +394,7 @@ impl Generator {
             };
             let cc = compiled[index].1.as_ref();
             checks.push(cc.and_then(|c| c.check.clone()));
-            let matcher = cc.map(CompiledConstraint::matcher);
-            let think = cc.and_then(|c| c.think_close.clone()).map(|t| ThinkGuard { close: t.tokens, budget: t.budget, used: 0, open: true });
-            let seed = seed_of(r, i, config);
-            seqs.push(Seq {
-                think,
-                matcher,
-                rng: ChaCha8Rng::seed_from_u64(seed),
-                tokens: Vec::new(),
-                logprobs: Vec::new(),
-                pending: r.prompt.clone(),
-                unscored: 0,
-                finish: (config.max_new_tokens == 0).then_some(FinishReason::Length),
-                error: None,
-                bytes: Vec::new(),
-                stop_at: None,
-                mask_micros: Vec::new(),
-                forced: 0,
-                watch: ClosingWatch::default(),
-            });
+            seqs.push(Seq::new(r, cc, seed_of(r, i, config), config));
         }
 
         let mut stats = GenerationStats::default();
@@ -409,9 +416,7 @@ impl Generator {
         if config.use_cache && unique.len() < requests.len() {
             let t0 = Instant::now();
             let prompts: Vec<Vec<u32>> = unique.iter().map(|&u| requests[u].prompt.clone()).collect();
-            let mut shared = KvCache::<B>::new(unique.len(), model.config().num_hidden_layers);
-            let hidden = model.hidden_cached(&TokenBatch::new(&prompts, Padding::Left, self.pad)?, &mut shared)?;
-            let (last, lse) = model.last_position_scores(&hidden, if temperature > 0.0 { temperature } else { 1.0 })?;
+            let (shared, last, lse) = self.prefill(model, &prompts, temperature)?;
             cache = shared.select_rows(&row_of)?;
             stats.forward_secs += t0.elapsed().as_secs_f64();
             stats.steps += 1;
@@ -430,66 +435,74 @@ impl Generator {
                 break;
             }
             let t0 = Instant::now();
-            let StepOutput { last, lse, scored } = self.forward_step(model, requests, &seqs, &mut cache, config.use_cache, temperature)?;
+            let StepOutput { last, lse, scored } = masks_during(&mut seqs, |seqs| self.forward_step(model, requests, seqs, &mut cache, config.use_cache, |_| temperature))?;
             stats.forward_secs += t0.elapsed().as_secs_f64();
             stats.steps += 1;
 
             let t1 = Instant::now();
             let vocab = model.config().vocab_size;
             seqs.par_iter_mut().enumerate().for_each(|(b, seq)| {
-                if seq.pending.is_empty() {
-                    return;
-                }
-                // Log-probs of forced tokens come from the positions before them.
-                let n = seq.tokens.len();
-                for (k, &lp) in scored[b].iter().enumerate() {
-                    seq.logprobs[n - seq.unscored + k] = lp;
-                }
-                seq.pending.clear();
-                seq.unscored = 0;
-                if seq.finish.is_none() {
-                    let row = &last[b * vocab..(b + 1) * vocab];
-                    self.advance(seq, row, lse[b], config);
-                }
+                self.after_forward(seq, &scored[b], &last[b * vocab..(b + 1) * vocab], lse[b], config);
             });
             stats.host_secs += t1.elapsed().as_secs_f64();
         }
 
         let mut out = Vec::with_capacity(seqs.len());
         for seq in seqs {
-            let shown: Vec<u32> = seq.tokens.iter().copied().filter(|t| (*t as usize) < self.vocab).collect();
-            let text = match seq.stop_at {
-                Some(cut) => String::from_utf8_lossy(&seq.bytes[..cut.min(seq.bytes.len())]).into_owned(),
-                None => self.tokenizer.decode(&shown, true)?,
-            };
-            stats.generated_tokens += seq.tokens.len();
-            stats.forced_tokens += seq.forced;
-            stats.mask_micros.extend(seq.mask_micros);
-            out.push(Completion {
-                tokens: seq.tokens,
-                text,
-                logprobs: seq.logprobs,
-                finish: seq.finish.unwrap_or(FinishReason::Length),
-                error: seq.error,
-                closed: seq.watch.closing,
-                retries: 0,
-            });
+            out.push(self.completion(seq, &mut stats)?);
         }
         stats.total_secs = start.elapsed().as_secs_f64();
         Ok((out, stats, checks))
     }
 
+    /// Prefills left-padded `prompts` into a new cache; returns it with each row's last
+    /// logits (`[rows * vocab]`) and `logsumexp(logits / temperature)`.
+    pub(crate) fn prefill<B: Backend>(&self, model: &CausalLm<B>, prompts: &[Vec<u32>], temperature: f32) -> Result<(KvCache<B>, Vec<f32>, Vec<f32>)> {
+        let mut cache = KvCache::<B>::new(prompts.len(), model.config().num_hidden_layers);
+        let hidden = model.hidden_cached(&TokenBatch::new(prompts, Padding::Left, self.pad)?, &mut cache)?;
+        let (last, lse) = model.last_position_scores(&hidden, if temperature > 0.0 { temperature } else { 1.0 })?;
+        Ok((cache, last, lse))
+    }
+
+    /// The finished sequence's [`Completion`]; adds its counts to `stats`.
+    pub(crate) fn completion(&self, seq: Seq, stats: &mut GenerationStats) -> Result<Completion> {
+        let text = self.text_of(&seq)?;
+        stats.generated_tokens += seq.tokens.len();
+        stats.forced_tokens += seq.forced;
+        stats.mask_micros.extend(seq.mask_micros);
+        Ok(Completion {
+            tokens: seq.tokens,
+            text,
+            logprobs: seq.logprobs,
+            finish: seq.finish.unwrap_or(FinishReason::Length),
+            error: seq.error,
+            closed: seq.watch.closing,
+            retries: 0,
+        })
+    }
+
+    /// The text of a sequence so far (its final text once finished).
+    pub(crate) fn text_of(&self, seq: &Seq) -> Result<String> {
+        Ok(match seq.stop_at {
+            Some(cut) => String::from_utf8_lossy(&seq.bytes[..cut.min(seq.bytes.len())]).into_owned(),
+            None => {
+                let shown: Vec<u32> = seq.tokens.iter().copied().filter(|t| (*t as usize) < self.vocab).collect();
+                self.tokenizer.decode(&shown, true)?
+            }
+        })
+    }
+
     /// Runs the model on every sequence's pending tokens. Returns the next-token logits of
     /// each row (`[batch * vocab]`, host), each row's `logsumexp(logits / t)`, and the
     /// log-probs of each row's forced tokens (`[batch][unscored]`).
-    fn forward_step<B: Backend>(
+    pub(crate) fn forward_step<B: Backend>(
         &self,
         model: &CausalLm<B>,
         requests: &[Request],
         seqs: &[Seq],
         cache: &mut KvCache<B>,
         use_cache: bool,
-        temperature: f32,
+        temperature_of: impl Fn(usize) -> f32,
     ) -> Result<StepOutput> {
         let b = seqs.len();
         let width = seqs.iter().map(|s| s.pending.len()).max().unwrap_or(1).max(1);
@@ -519,45 +532,81 @@ impl Generator {
             model.hidden_tail(model.hidden_states(&batch)?, width)
         };
         let s = hidden.dims()[1];
-        let t = if temperature > 0.0 { temperature } else { 1.0 };
-        let (last, lse) = model.last_position_scores(&hidden, t)?;
-
-        // Forced tokens: logits only at the positions that predict them (the token before).
-        let mut positions = Vec::new();
-        let mut targets = Vec::new();
-        for (bi, seq) in seqs.iter().enumerate() {
-            let n = seq.pending.len();
-            for k in 0..seq.unscored {
-                positions.push(bi * s + s - seq.unscored + k - 1);
-                targets.push(seq.pending[n - seq.unscored + k]);
+        let vocab = model.config().vocab_size;
+        let effective = |bi: usize| {
+            let t = temperature_of(bi);
+            if t > 0.0 {
+                t
+            } else {
+                1.0
             }
+        };
+        let t0 = effective(0);
+        let (last, mut lse) = model.last_position_scores(&hidden, t0)?;
+        for (bi, l) in lse.iter_mut().enumerate() {
+            *l = lse_at(&last[bi * vocab..(bi + 1) * vocab], effective(bi), t0, *l);
         }
+
+        // Forced tokens: logits only at the positions that predict them (the token before),
+        // one projection per temperature among the rows that have them.
         let mut scored = vec![Vec::new(); b];
-        if !positions.is_empty() {
-            let lp = model.hidden_logprobs(hidden, &positions, &targets, t)?;
+        let mut temperatures: Vec<f32> = (0..b).filter(|&bi| seqs[bi].unscored > 0).map(effective).collect();
+        temperatures.sort_by(f32::total_cmp);
+        temperatures.dedup();
+        for t in temperatures {
+            let rows: Vec<usize> = (0..b).filter(|&bi| seqs[bi].unscored > 0 && effective(bi) == t).collect();
+            if rows.is_empty() {
+                continue;
+            }
+            let mut positions = Vec::new();
+            let mut targets = Vec::new();
+            for &bi in &rows {
+                let seq = &seqs[bi];
+                let n = seq.pending.len();
+                for k in 0..seq.unscored {
+                    positions.push(bi * s + s - seq.unscored + k - 1);
+                    targets.push(seq.pending[n - seq.unscored + k]);
+                }
+            }
+            let lp = model.hidden_logprobs(hidden.clone(), &positions, &targets, t)?;
             let mut it = lp.into_iter();
-            for (bi, seq) in seqs.iter().enumerate() {
-                scored[bi] = it.by_ref().take(seq.unscored).collect();
+            for &bi in &rows {
+                scored[bi] = it.by_ref().take(seqs[bi].unscored).collect();
             }
         }
         Ok(StepOutput { last, lse, scored })
     }
 
+    /// Takes a forward pass's output for one sequence: the log-probs of its forced tokens,
+    /// then (unless finished) its next token from `row`.
+    pub(crate) fn after_forward(&self, seq: &mut Seq, scored: &[f32], row: &[f32], lse: f32, config: &GenerateConfig) {
+        if seq.pending.is_empty() {
+            return;
+        }
+        // Log-probs of forced tokens come from the positions before them.
+        let n = seq.tokens.len();
+        for (k, &lp) in scored.iter().enumerate() {
+            seq.logprobs[n - seq.unscored + k] = lp;
+        }
+        seq.pending.clear();
+        seq.unscored = 0;
+        if seq.finish.is_none() {
+            self.advance(seq, row, lse, config);
+        }
+    }
+
     /// Samples one token for `seq` from its logits row, updates its matcher, appends forced
     /// tokens, and decides whether it has finished.
-    fn advance(&self, seq: &mut Seq, row: &[f32], lse: f32, config: &GenerateConfig) {
+    pub(crate) fn advance(&self, seq: &mut Seq, row: &[f32], lse: f32, config: &GenerateConfig) {
         let allowed = match seq.matcher.as_mut() {
             Some(m) => {
-                let t = Instant::now();
-                let mask = m.compute_mask();
-                seq.mask_micros.push(t.elapsed().as_secs_f64() * 1e6);
+                let mask = match seq.premask.take() {
+                    Some(mask) => mask,
+                    None => allowed_ids(m, &mut seq.mask_micros),
+                };
                 match mask {
-                    Ok(mask) => {
-                        let mut ids = Vec::with_capacity(mask.num_set().min(4096));
-                        mask.iter_set_entries(|i| ids.push(i as u32));
-                        Some(ids)
-                    }
-                    Err(e) => return fail(seq, e.to_string()),
+                    Ok(ids) => Some(ids),
+                    Err(e) => return fail(seq, e),
                 }
             }
             None => None,
@@ -698,8 +747,81 @@ impl Generator {
     }
 }
 
+/// The tokens `m` allows now; the time it took is pushed to `micros`.
+fn allowed_ids(m: &mut Matcher, micros: &mut Vec<f64>) -> std::result::Result<Vec<u32>, String> {
+    let t = Instant::now();
+    let mask = m.compute_mask();
+    micros.push(t.elapsed().as_secs_f64() * 1e6);
+    let mask = mask.map_err(|e| e.to_string())?;
+    let mut ids = Vec::with_capacity(mask.num_set().min(4096));
+    mask.iter_set_entries(|i| ids.push(i as u32));
+    Ok(ids)
+}
+
+/// Runs `forward` while the next masks of the constrained, unfinished sequences are computed
+/// beside it: a mask depends only on the tokens already consumed, so it need not wait for
+/// the logits (llguidance's advice: masks off the forward pass's critical path).
+pub(crate) fn masks_during<R: Send>(seqs: &mut [Seq], forward: impl FnOnce(&[Seq]) -> R + Send) -> R {
+    let mut taken: Vec<(usize, Matcher, Vec<f64>)> = Vec::new();
+    for (i, s) in seqs.iter_mut().enumerate() {
+        if s.finish.is_none() && s.premask.is_none() {
+            if let Some(m) = s.matcher.take() {
+                taken.push((i, m, Vec::new()));
+            }
+        }
+    }
+    if taken.is_empty() {
+        return forward(seqs);
+    }
+    let (out, masks) = rayon::join(
+        || forward(seqs),
+        || taken.par_iter_mut().map(|(_, m, micros)| allowed_ids(m, micros)).collect::<Vec<_>>(),
+    );
+    for ((i, m, micros), mask) in taken.into_iter().zip(masks) {
+        let s = &mut seqs[i];
+        s.matcher = Some(m);
+        s.premask = Some(mask);
+        s.mask_micros.extend(micros);
+    }
+    out
+}
+
+/// Why a finished output breaks the full schema (`None`: it does not, or it is no JSON
+/// output that validation applies to).
+pub(crate) fn violation_of(check: Option<&OutputCheck>, c: &Completion) -> Option<String> {
+    let check = check?;
+    matches!(c.finish, FinishReason::ConstraintComplete | FinishReason::Eos).then(|| check.violation(&c.text)).flatten()
+}
+
+/// The settings of a regeneration: a greedy request would repeat itself, so it samples.
+pub(crate) fn retry_config(config: &GenerateConfig) -> GenerateConfig {
+    let mut retry = config.clone();
+    if retry.sampling.temperature <= 0.0 {
+        retry.sampling.temperature = 1.0;
+    }
+    retry
+}
+
+/// The seed of regeneration number `attempt` of a request seeded with `seed`.
+pub(crate) fn retry_seed(seed: u64, attempt: u64) -> u64 {
+    seed ^ attempt.wrapping_mul(0xD1B5_4A32_D192_ED03)
+}
+
+/// Ends an output that stayed invalid under the full schema as a constraint error naming
+/// the keywords only validation checks.
+pub(crate) fn give_up(c: &mut Completion, check: Option<&OutputCheck>, why: &str) {
+    let named = check.map(|c| c.validated.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")).unwrap_or_default();
+    let keywords = if named.is_empty() {
+        "the grammar and the validator disagree".to_string()
+    } else {
+        format!("keywords checked only after generation: {named}")
+    };
+    c.finish = FinishReason::ConstraintError;
+    c.error = Some(format!("constraint_error: invalid under the full schema after {} tries ({keywords}): {why}", c.retries + 1));
+}
+
 /// The seed a request samples with: its own, or one derived from the config's and its index.
-fn seed_of(r: &Request, i: usize, config: &GenerateConfig) -> u64 {
+pub(crate) fn seed_of(r: &Request, i: usize, config: &GenerateConfig) -> u64 {
     r.seed.unwrap_or_else(|| config.sampling.seed.wrapping_add((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)))
 }
 

@@ -7,7 +7,8 @@
 //!
 //! Key types: [`Generator`] (one per tokenizer), [`Request`] (a prompt and its
 //! [`Constraint`]), [`GenerateConfig`] / [`SamplingConfig`], [`Completion`] (tokens, text,
-//! log-probs, [`FinishReason`]) and [`GenerationStats`].
+//! log-probs, [`FinishReason`]) and [`GenerationStats`]; for servers, [`Batcher`], a running
+//! batch that [`Admission`]s join between forward passes (continuous batching).
 //!
 //! The loop inside [`Generator::generate`]:
 //! 1. compile every constraint: the grammar enforces what it can express, and the keywords it
@@ -15,7 +16,8 @@
 //!    validation of the finished output against the full schema ([`schema_check`] has the
 //!    table); an invalid schema or a remote `$ref` is an error naming the JSON pointer;
 //! 2. prefill the left-padded prompts into a KV cache;
-//! 3. per step and per sequence, in parallel: compute the allowed-token mask, sample
+//! 3. per step and per sequence, in parallel: compute the allowed-token mask (while the
+//!    forward pass that produces the logits runs), sample
 //!    (greedy, temperature, top-k, top-p, min-p; seeded), advance the matcher, and append
 //!    the tokens the grammar forces without sampling them;
 //! 4. feed the new tokens of every live sequence in one forward pass; forced tokens get
@@ -45,6 +47,7 @@
 //! # Ok(()) }
 //! ```
 
+mod batcher;
 mod closing;
 mod constraint;
 mod env;
@@ -54,6 +57,7 @@ mod prompt;
 mod sampling;
 pub mod schema_check;
 
+pub use batcher::{Admission, Batcher};
 pub use closing::MARGIN as CLOSING_MARGIN;
 pub use constraint::{CompiledConstraint, Constraint, JsonStyle};
 pub use env::ConstraintEnv;

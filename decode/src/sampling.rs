@@ -47,6 +47,18 @@ pub fn logprob_with_lse(logits: &[f32], token: usize, temperature: f32, lse: f32
     logits.get(token).map_or(f32::NEG_INFINITY, |&x| x / t - lse)
 }
 
+/// `logsumexp(logits / temperature)` (temperature ≤ 0 counts as 1), reusing `lse` when it
+/// was computed at that temperature (`computed_at`).
+pub(crate) fn lse_at(logits: &[f32], temperature: f32, computed_at: f32, lse: f32) -> f32 {
+    let t = if temperature > 0.0 { temperature } else { 1.0 };
+    if t == computed_at {
+        return lse;
+    }
+    let peak = logits.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x / t));
+    let sum: f32 = logits.iter().map(|&x| (x / t - peak).exp()).sum();
+    sum.ln() + peak
+}
+
 /// Picks a token from `logits`, restricted to `allowed` when given (ids as `u32`).
 /// Returns `None` when no token is allowed.
 pub fn sample(logits: &[f32], allowed: Option<&[u32]>, config: &SamplingConfig, rng: &mut ChaCha8Rng) -> Option<u32> {

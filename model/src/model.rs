@@ -96,6 +96,49 @@ impl<B: Backend> KvCache<B> {
         })
     }
 
+    /// Appends the sequences of `other` after this cache's (continuous batching: requests
+    /// prefilled on their own join a running batch). The shorter side is left-padded with
+    /// masked columns, so every sequence keeps its own keys, positions and validity.
+    pub fn append_rows(&mut self, other: KvCache<B>) -> Result<()> {
+        if other.batch() == 0 {
+            return Ok(());
+        }
+        if self.batch() == 0 {
+            *self = other;
+            return Ok(());
+        }
+        if self.layers.len() != other.layers.len() {
+            return Err(ModelError::Input(format!("caches of {} and {} layers cannot be joined", self.layers.len(), other.layers.len())));
+        }
+        let width = self.len().max(other.len());
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for (i, (a, b)) in self.layers.iter().zip(&other.layers).enumerate() {
+            let (Some(a), Some(b)) = (a, b) else {
+                return Err(ModelError::Input(format!("layer {i} of a cache to join holds no keys")));
+            };
+            let (ka, va) = a.filled();
+            let (kb, vb) = b.filled();
+            let k = Tensor::cat(vec![left_pad(ka, width), left_pad(kb, width)], 0);
+            let v = Tensor::cat(vec![left_pad(va, width), left_pad(vb, width)], 0);
+            layers.push(Some(LayerKv { blocks: vec![(k, v)], len: width }));
+        }
+        let pad = |rows: Vec<Vec<bool>>| -> Vec<Vec<bool>> {
+            rows.into_iter()
+                .map(|r| {
+                    let mut v = vec![false; width - r.len()];
+                    v.extend(r);
+                    v
+                })
+                .collect()
+        };
+        let mut valid = pad(std::mem::take(&mut self.valid));
+        valid.extend(pad(other.valid));
+        self.layers = layers;
+        self.valid = valid;
+        self.next_pos.extend(other.next_pos);
+        Ok(())
+    }
+
     /// Drops pad columns: each sequence's real keys move to the right end, left-padded to
     /// the fullest sequence. Batched steps feed pads to sequences with fewer new tokens, so
     /// without this the cache (and every step's attention) grows with the widest row.
@@ -532,6 +575,16 @@ impl<B: Backend> CausalLm<B> {
     }
 }
 
+/// `[batch, heads, len, d]` keys or values, zero columns prepended up to `width`.
+fn left_pad<B: Backend>(t: Tensor<B, 4>, width: usize) -> Tensor<B, 4> {
+    let [b, h, len, d] = t.dims();
+    if len >= width {
+        return t;
+    }
+    let zeros = Tensor::zeros([b, h, width - len, d], &t.device());
+    Tensor::cat(vec![zeros, t], 2)
+}
+
 fn tensor2<B: Backend>(values: Vec<f32>, shape: [usize; 2], device: &B::Device) -> Tensor<B, 2> {
     Tensor::from_data(TensorData::new(values, shape), device)
 }
@@ -672,5 +725,57 @@ mod continuation_tests {
                 assert!(max_diff(x, y) < 1e-4 * scale, "parameter {i}: gradients differ by {} (scale {scale})", max_diff(x, y));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod join_tests {
+    use super::*;
+    use crate::CpuBackend as C;
+
+    fn one_row(ids: &[u32]) -> TokenBatch {
+        TokenBatch { ids: ids.to_vec(), mask: vec![true; ids.len()], batch: 1, seq: ids.len(), segments: None }
+    }
+
+    fn host(t: Tensor<C, 3>) -> Vec<f32> {
+        t.into_data().convert::<f32>().to_vec::<f32>().unwrap()
+    }
+
+    /// Two sequences prefilled apart (5 and 9 tokens), then joined into one cache, decode the
+    /// same next-token logits as each alone, step after step, and after the first leaves.
+    #[test]
+    fn joined_caches_decode_like_separate_ones() {
+        let config = ModelConfig::preset("tiny").unwrap().with_vocab_size(64);
+        let model = CausalLm::<C>::random(&config, 7, &Default::default()).unwrap();
+        let layers = config.num_hidden_layers;
+        let prompts: [&[u32]; 2] = [&[1, 5, 9, 2, 4], &[3, 3, 8, 1, 7, 6, 2, 9, 11]];
+        let mut alone: Vec<KvCache<C>> = Vec::new();
+        let mut joined = KvCache::<C>::new(0, layers);
+        for p in prompts {
+            let mut c = KvCache::new(1, layers);
+            model.forward_cached(&one_row(p), &mut c).unwrap();
+            let mut d = KvCache::new(1, layers);
+            model.forward_cached(&one_row(p), &mut d).unwrap();
+            alone.push(c);
+            joined.append_rows(d).unwrap();
+        }
+        assert_eq!((joined.batch(), joined.len()), (2, 9));
+        for step in 0..3u32 {
+            let next = [10 + step, 20 + step];
+            let batch = TokenBatch { ids: next.to_vec(), mask: vec![true; 2], batch: 2, seq: 1, segments: None };
+            let both = host(model.forward_cached(&batch, &mut joined).unwrap());
+            for (i, c) in alone.iter_mut().enumerate() {
+                let own = host(model.forward_cached(&one_row(&[next[i]]), c).unwrap());
+                let diff = own.iter().zip(&both[i * 64..(i + 1) * 64]).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+                assert!(diff < 1e-5, "step {step} row {i}: {diff}");
+            }
+        }
+        // The first sequence leaves; the second goes on alone in the joined cache.
+        let mut rest = joined.select_rows(&[1]).unwrap();
+        rest.compact();
+        let a = host(model.forward_cached(&one_row(&[30]), &mut rest).unwrap());
+        let b = host(model.forward_cached(&one_row(&[30]), &mut alone[1]).unwrap());
+        let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+        assert!(diff < 1e-5, "after a leave: {diff}");
     }
 }

@@ -14,7 +14,8 @@ use thinkjson_model::{CausalLm, CpuBackend, CpuTrainBackend, KvCache, ModelConfi
 pub struct BenchArgs {
     /// Which suite: `all` (model, decode, reward, sft, grpo), or one of `model`, `decode`,
     /// `sft`, `grpo`, `synth`, `reward`, `gguf` (import and load times of a GGUF file), `gpu`
-    /// (CUDA; a binary built with --features cuda).
+    /// (CUDA; a binary built with --features cuda), `serve` (HTTP load on loopback,
+    /// continuous batching vs one request at a time; `--model`, default a tiny random one).
     #[arg(default_value = "all")]
     suite: String,
     /// Small shapes and few steps (what CI runs).
@@ -56,6 +57,9 @@ pub struct BenchArgs {
     /// `scripts/bench_trl_grpo.py --prompts`.
     #[arg(long)]
     pub prompts_out: Option<PathBuf>,
+    /// `serve`: concurrent clients, requests per client, max_tokens per request.
+    #[arg(long, value_delimiter = ',', default_value = "64,4,16")]
+    pub serve_load: Vec<usize>,
     /// Scratch folder of the `gguf` suite's child steps.
     #[arg(long, hide = true)]
     pub scratch: Option<PathBuf>,
@@ -87,6 +91,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "grpo" => crate::bench_grpo::grpo_suite(&args, &mut figures)?,
         "gpu" => crate::bench_gpu::gpu_suite(&args, &mut figures)?,
         "gguf" => crate::bench_gguf::gguf_suite(&args, &mut figures)?,
+        "serve" => crate::bench_serve::serve_suite(&args, &mut figures)?,
         "gguf-import" => crate::bench_gguf::import_step(&args, &mut figures)?,
         "gguf-load" => crate::bench_gguf::load_step(&args, &mut figures)?,
         "all" => {
@@ -96,7 +101,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             sft_suite(&args, &mut figures)?;
             crate::bench_grpo::grpo_suite(&args, &mut figures)?;
         }
-        other => bail!("unknown bench suite `{other}` (all, model, decode, sft, grpo, synth, reward, gguf, gpu)"),
+        other => bail!("unknown bench suite `{other}` (all, model, decode, sft, grpo, synth, reward, gguf, gpu, serve)"),
     }
     let report = Report {
         suite: args.suite.clone(),

@@ -37,8 +37,10 @@ pub enum ConstraintKind {
 #[derive(Args)]
 pub struct PredictArgs {
     /// An HF model directory, a GGUF file, or an embedded model name (smollm2-135m-instruct).
-    #[arg(long)]
-    model: PathBuf,
+    #[arg(long, required_unless_present = "endpoint", conflicts_with = "endpoint")]
+    model: Option<PathBuf>,
+    #[command(flatten)]
+    remote: crate::cmd_predict_endpoint::EndpointArgs,
     /// A PEFT LoRA adapter directory to apply to --model.
     #[arg(long)]
     adapter: Option<PathBuf>,
@@ -97,23 +99,19 @@ pub struct PredictSummary {
     pub written: usize,
     /// Rows left out: a repeated id.
     pub skipped: Vec<String>,
+    /// Rows that got no prediction (an endpoint kept failing); a `--resume` retries them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub failed: Vec<String>,
     pub out: PathBuf,
     pub secs: f64,
 }
 
 pub fn predict(args: PredictArgs) -> Result<()> {
     let rows = crate::cmd_sft::read_rows(&args.data)?;
-    let spec = PredictSpec {
-        model: args.model,
-        adapter: args.adapter,
-        constraint: args.constraint,
-        batch_size: args.batch_size,
-        max_new_tokens: args.max_new_tokens,
-        max_think_tokens: args.max_think_tokens,
-        temperature: args.temperature,
-        seed: args.seed,
+    let summary = match args.model.clone() {
+        Some(model) => predict_model(model, &args, &rows)?,
+        None => crate::cmd_predict_endpoint::predict_endpoint(&args.remote, &Decoding::of(&args), &rows, &args.out, args.resume)?,
     };
-    let summary = predict_file(&spec, &rows, &args.out, args.resume, args.device)?;
     if args.json {
         crate::print_out(&serde_json::to_string_pretty(&summary)?)?;
     } else {
@@ -126,7 +124,38 @@ pub fn predict(args: PredictArgs) -> Result<()> {
             summary.out.display()
         );
     }
+    if !summary.failed.is_empty() {
+        bail!("{} rows got no prediction (listed above); run again with --resume to retry them", summary.failed.len());
+    }
     Ok(())
+}
+
+/// The decoding settings an endpoint is asked for.
+pub struct Decoding {
+    pub constraint: ConstraintKind,
+    pub max_new_tokens: usize,
+    pub temperature: f32,
+    pub seed: u64,
+}
+
+impl Decoding {
+    fn of(args: &PredictArgs) -> Self {
+        Self { constraint: args.constraint, max_new_tokens: args.max_new_tokens, temperature: args.temperature, seed: args.seed }
+    }
+}
+
+fn predict_model(model: PathBuf, args: &PredictArgs, rows: &[Row]) -> Result<PredictSummary> {
+    let spec = PredictSpec {
+        model,
+        adapter: args.adapter.clone(),
+        constraint: args.constraint,
+        batch_size: args.batch_size,
+        max_new_tokens: args.max_new_tokens,
+        max_think_tokens: args.max_think_tokens,
+        temperature: args.temperature,
+        seed: args.seed,
+    };
+    predict_file(&spec, rows, &args.out, args.resume, args.device)
 }
 
 /// Predicts every row of `rows` not yet in `out` and appends it there, batch by batch.
@@ -135,6 +164,24 @@ pub fn predict_file(spec: &PredictSpec, rows: &[Row], out: &Path, resume: bool, 
     if spec.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
+    let Plan { pending, kept, skipped } = plan(rows, out, resume)?;
+    let job = PredictJob { spec: spec.clone(), rows: pending, out: out.to_path_buf(), kept };
+    let written = dispatch(device, job)?;
+    Ok(PredictSummary { rows: rows.len(), kept, written, skipped, failed: Vec::new(), out: out.to_path_buf(), secs: started.elapsed().as_secs_f64() })
+}
+
+/// The rows a run still has to predict.
+pub struct Plan {
+    pub pending: Vec<Row>,
+    /// Rows found already written (a resumed run).
+    pub kept: usize,
+    /// Repeated ids, left out.
+    pub skipped: Vec<String>,
+}
+
+/// Which rows of `rows` are not yet in `out` (which must not exist unless `resume`); a
+/// repeated id is reported and left out. Creates `out`'s folder.
+pub fn plan(rows: &[Row], out: &Path, resume: bool) -> Result<Plan> {
     let done = if out.exists() {
         if !resume {
             bail!("{} already exists; pass --resume to continue it, or choose another --out", out.display());
@@ -158,9 +205,7 @@ pub fn predict_file(spec: &PredictSpec, rows: &[Row], out: &Path, resume: bool, 
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let job = PredictJob { spec: spec.clone(), rows: pending, out: out.to_path_buf(), kept };
-    let written = dispatch(device, job)?;
-    Ok(PredictSummary { rows: rows.len(), kept, written, skipped, out: out.to_path_buf(), secs: started.elapsed().as_secs_f64() })
+    Ok(Plan { pending, kept, skipped })
 }
 
 /// Ids of the complete lines of a predictions file. A last line cut by a kill (no newline,
@@ -264,7 +309,7 @@ impl OnBackend for PredictJob {
 
 /// The tokenizer of the model, or the one saved beside the adapter when the model has none
 /// (a preset-shaped base).
-fn tokenizer_of(model: &Pretrained, adapter: Option<&Path>) -> Result<thinkjson_model::Tokenizer> {
+pub fn tokenizer_of(model: &Pretrained, adapter: Option<&Path>) -> Result<thinkjson_model::Tokenizer> {
     match model.tokenizer() {
         Ok(t) => Ok(t),
         Err(e) => match adapter.filter(|a| a.join("tokenizer.json").exists()) {

@@ -6,9 +6,11 @@ mod bench;
 mod bench_gguf;
 mod bench_gpu;
 mod bench_grpo;
+mod bench_serve;
 mod cmd_decode;
 mod cmd_model;
 mod cmd_predict;
+mod cmd_predict_endpoint;
 mod cmd_grpo;
 mod cmd_schemas;
 mod cmd_sft;
@@ -18,6 +20,7 @@ mod train_common;
 mod pipeline;
 mod cmd_eval;
 mod cmd_synth;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -76,6 +79,8 @@ enum Verb {
     Pipeline(pipeline::PipelineArgs),
     /// Run benchmarks and print the figures (and write them as JSON).
     Bench(bench::BenchArgs),
+    /// Serve a model over OpenAI's HTTP API (chat/completions, completions, models) with continuous batching, JSON-Schema output and reasoning-then-JSON.
+    Serve(serve::ServeArgs),
 }
 
 /// Writes to stdout; a closed pipe (`… | head`) ends output quietly instead of panicking.
@@ -107,6 +112,7 @@ fn main() -> ExitCode {
         Verb::Grpo(a) => cmd_grpo::grpo(a),
         Verb::Pipeline(a) => pipeline::pipeline(a),
         Verb::Bench(a) => bench::run(a),
+        Verb::Serve(a) => serve::serve(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

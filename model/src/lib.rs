@@ -38,6 +38,7 @@ mod error;
 pub mod gguf;
 mod layers;
 mod lean_attention;
+mod lean_mlp;
 pub mod lora;
 mod model;
 mod pretrained;

@@ -6,6 +6,17 @@ use std::path::PathBuf;
 use serde_json::Value;
 use thinkjson_model::burn::tensor::{backend::Backend, Tensor};
 
+/// The committed Qwen tokenizer.
+pub fn qwen() -> thinkjson_model::Tokenizer {
+    thinkjson_model::Tokenizer::from_path(&assets().join("qwen")).expect("qwen tokenizer")
+}
+
+/// The `tiny` preset with seeded random weights.
+pub fn tiny(seed: u64) -> thinkjson_model::CausalLm<thinkjson_model::CpuBackend> {
+    let config = thinkjson_model::ModelConfig::preset("tiny").expect("preset");
+    thinkjson_model::CausalLm::random(&config, seed, &Default::default()).expect("model")
+}
+
 pub fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures")
 }

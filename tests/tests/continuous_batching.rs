@@ -7,16 +7,9 @@ mod common;
 
 use serde_json::{json, Value};
 use thinkjson_decode::{Admission, Batcher, Completion, Constraint, FinishReason, GenerateConfig, Generator, Request, SamplingConfig};
-use thinkjson_model::{CausalLm, CpuBackend, ModelConfig, Tokenizer};
+use thinkjson_model::{CausalLm, CpuBackend};
 
-fn qwen() -> Tokenizer {
-    Tokenizer::from_path(&common::assets().join("qwen")).expect("qwen tokenizer")
-}
-
-fn tiny(seed: u64) -> CausalLm<CpuBackend> {
-    let config = ModelConfig::preset("tiny").expect("preset");
-    CausalLm::<CpuBackend>::random(&config, seed, &Default::default()).expect("model")
-}
+use common::{qwen, tiny};
 
 fn schema() -> Value {
     json!({"type": "object", "properties": {

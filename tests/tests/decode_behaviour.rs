@@ -7,16 +7,9 @@ use serde_json::{json, Value};
 use thinkjson_decode::{
     Constraint, DecodeError, FinishReason, GenerateConfig, Generator, JsonStyle, Request, SamplingConfig,
 };
-use thinkjson_model::{CausalLm, CpuBackend, ModelConfig, Padding, TokenBatch, Tokenizer};
+use thinkjson_model::{Padding, TokenBatch, Tokenizer};
 
-fn qwen() -> Tokenizer {
-    Tokenizer::from_path(&common::assets().join("qwen")).expect("qwen tokenizer")
-}
-
-fn tiny(seed: u64) -> CausalLm<CpuBackend> {
-    let config = ModelConfig::preset("tiny").expect("preset");
-    CausalLm::<CpuBackend>::random(&config, seed, &Default::default()).expect("model")
-}
+use common::{qwen, tiny};
 
 fn schema() -> Value {
     json!({"type": "object", "properties": {

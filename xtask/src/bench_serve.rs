@@ -30,7 +30,8 @@ fn start(model: &Path, max_batch: usize) -> Result<Child2> {
     let mut child = Command::new(exe)
         .args(["serve", "--model"])
         .arg(model)
-        .args(["--port", "0", "--exit-after-secs", "3600", "--max-batch", &max_batch.to_string(), "--served-model-name", "bench"])
+        .args(["--port", "0", "--exit-after-secs", "3600", "--max-batch", &max_batch.to_string(), "--max-n", &max_batch.min(8).to_string()])
+        .args(["--served-model-name", "bench"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -102,6 +103,19 @@ fn load(base: &str, clients: usize, per_client: usize, max_tokens: usize) -> Res
     Ok(Load { secs, requests: latencies.len(), tokens, latencies })
 }
 
+/// The unlabelled figures of the server's `/metrics`.
+fn metric_values(base: &str) -> Result<Vec<(String, f64)>> {
+    let text = ureq::get(&format!("{base}/metrics")).call().context("GET /metrics")?.into_string()?;
+    Ok(text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.contains('{'))
+        .filter_map(|l| {
+            let mut parts = l.split_whitespace();
+            Some((parts.next()?.to_string(), parts.next()?.parse().ok()?))
+        })
+        .collect())
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -125,6 +139,8 @@ pub fn serve_suite(args: &BenchArgs, figures: &mut Vec<Figure>) -> Result<()> {
         let server = start(&model, max_batch)?;
         let l = load(&server.base, clients, per_client, max_tokens)?;
         let rss = peak_rss_of(server.child.id());
+        let scraped = metric_values(&server.base)?;
+        let value = |name: &str| scraped.iter().find(|(n, _)| n == name).map_or(0.0, |(_, v)| *v);
         let push = |figures: &mut Vec<Figure>, what: &str, value: f64, unit: &'static str| {
             figures.push(Figure { name: format!("serve {name} {clients}x{per_client}x{max_tokens} {label}: {what}"), value, unit });
         };
@@ -134,6 +150,11 @@ pub fn serve_suite(args: &BenchArgs, figures: &mut Vec<Figure>) -> Result<()> {
         push(figures, "latency p50", 1000.0 * percentile(&l.latencies, 0.5), "ms");
         push(figures, "latency p99", 1000.0 * percentile(&l.latencies, 0.99), "ms");
         push(figures, "server peak RSS", rss, "MiB");
+        let steps = value("thinkjson_decode_steps_total");
+        push(figures, "decode steps", steps, "steps");
+        push(figures, "mean sequences per decode step", value("thinkjson_decode_step_rows_total") / steps.max(1.0), "rows");
+        push(figures, "time in decode steps", value("thinkjson_decode_step_seconds_total"), "s");
+        push(figures, "time joining (prefill + first token)", value("thinkjson_join_seconds_total"), "s");
         rates.push(l.tokens as f64 / l.secs);
     }
     figures.push(Figure { name: format!("serve {name}: continuous / one at a time (tokens/s)"), value: rates[0] / rates[1].max(1e-9), unit: "x" });

@@ -216,7 +216,7 @@ fn streamed_and_whole_answers_agree_and_json_schema_answers_validate() {
 
 #[test]
 fn bad_requests_get_their_status_and_error_and_the_server_keeps_serving() {
-    let server = Server::start(&["--api-key", "s3cret", "--max-body-bytes", "4096", "--context", "96", "--max-tokens", "32", "--max-n", "2"]);
+    let server = Server::start(&["--api-key", "s3cret", "--max-body-bytes", "4096", "--context", "96", "--max-tokens", "32", "--max-n", "2", "--max-batch-tokens", "100"]);
     let key = Some("s3cret");
     let good = chat_body(json!({"max_tokens": 4, "temperature": 0}));
     let bad_schema = chat_body(json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"a": {"$ref": "https://example.com/a.json"}}}}}}));
@@ -234,6 +234,7 @@ fn bad_requests_get_their_status_and_error_and_the_server_keeps_serving() {
         ("prompt + max_tokens over the context", chat_body(json!({"max_tokens": 32, "messages": [{"role": "user", "content": "lot AB-123 ".repeat(12)}]})).to_string(), key, 400, "context"),
         ("body over the limit", chat_body(json!({"messages": [{"role": "user", "content": "x".repeat(5000)}]})).to_string(), key, 413, "larger than 4096"),
         ("reasoning without JSON", chat_body(json!({"reasoning_effort": "low"})).to_string(), key, 400, "response_format"),
+        ("choices over the batch budget", chat_body(json!({"n": 2, "max_tokens": 32})).to_string(), key, 400, "batch budget"),
     ];
     for (name, body, k, status, needle) in cases {
         let (got, text) = server.post_raw("/v1/chat/completions", &body, k);
@@ -251,7 +252,7 @@ fn bad_requests_get_their_status_and_error_and_the_server_keeps_serving() {
     let (status, health) = server.get("/health");
     assert_eq!((status, health.contains("ok")), (200, true));
     let (_, metrics) = server.get("/metrics");
-    for line in ["status=\"401\"} 2", "status=\"413\"} 1", "status=\"200\"} 12", "thinkjson_request_latency_seconds_count"] {
+    for line in ["status=\"401\"} 2", "status=\"413\"} 1", "status=\"200\"} 13", "thinkjson_request_latency_seconds_count"] {
         assert!(metrics.contains(line), "metrics lack {line:?}:\n{metrics}");
     }
 }
@@ -304,7 +305,7 @@ fn sixty_four_concurrent_clients_are_all_answered() {
 
 #[test]
 fn a_full_queue_answers_429() {
-    let server = Server::start(&["--max-batch", "1", "--max-queue", "1", "--max-tokens", "400"]);
+    let server = Server::start(&["--max-batch", "1", "--max-n", "1", "--max-queue", "1", "--max-tokens", "400"]);
     let statuses: Vec<u16> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..8)
             .map(|i| {

@@ -48,6 +48,9 @@ pub struct Limits {
     pub context: usize,
     /// Reasoning budgets of `reasoning_effort` low / medium / high.
     pub effort_tokens: [usize; 3],
+    /// KV positions (prompt + max_tokens, per choice) the running batch may reserve; a
+    /// request needing more alone is refused.
+    pub max_batch_tokens: usize,
 }
 
 /// A request made ready for the engine.
@@ -298,7 +301,7 @@ mod tests {
     use super::*;
 
     fn limits() -> Limits {
-        Limits { max_n: 4, max_tokens: 256, context: 2048, effort_tokens: [32, 128, 512] }
+        Limits { max_n: 4, max_tokens: 256, context: 2048, effort_tokens: [32, 128, 512], max_batch_tokens: 8192 }
     }
 
     #[test]

@@ -85,8 +85,8 @@ pub fn run<B: Backend>(model: &CausalLm<B>, generator: &Generator, jobs: Receive
                 }
             }
         }
-        // Join at the step boundary, first come first served; a job that can never fit
-        // alone is let in when the batch is empty (its reservation was checked on arrival).
+        // Join at the step boundary, first come first served. Every job fits an empty batch
+        // (checked on arrival), so one that does not fit now waits for room.
         let mut joining = Vec::new();
         while let Some(job) = waiting.front() {
             if job.events.is_closed() {
@@ -111,7 +111,11 @@ pub fn run<B: Backend>(model: &CausalLm<B>, generator: &Generator, jobs: Receive
             }
         }
         if !joining.is_empty() {
-            match batch.join(generator, model, joining) {
+            let started = Instant::now();
+            let count = joining.len();
+            let joined = batch.join(generator, model, joining);
+            metrics.joined(count, started.elapsed());
+            match joined {
                 Ok(refused) => {
                     for (id, e) in refused {
                         if let Some(r) = running.remove(&id) {

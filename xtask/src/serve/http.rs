@@ -184,6 +184,13 @@ async fn prepare(s: &Arc<AppState>, headers: &HeaderMap, body: Body, chat: bool)
     } else {
         parsed.max_tokens.min(context - prompt.len())
     };
+    let reserve = prompt.len() + max_tokens;
+    if reserve * parsed.n > s.limits.max_batch_tokens {
+        return Err(ApiError::invalid(
+            format!("{} choices × ({} prompt + {max_tokens} new tokens) exceed this server's batch budget of {} tokens", parsed.n, prompt.len(), s.limits.max_batch_tokens),
+            Some("max_tokens"),
+        ));
+    }
     let base_seed = parsed.seed.unwrap_or_else(|| now_nanos() ^ s.next_id.load(Ordering::Relaxed).wrapping_mul(0x9E37_79B9_7F4A_7C15));
     let mut choices = Vec::with_capacity(parsed.n);
     for i in 0..parsed.n {
@@ -194,7 +201,7 @@ async fn prepare(s: &Arc<AppState>, headers: &HeaderMap, body: Body, chat: bool)
         let config = GenerateConfig { max_new_tokens: max_tokens, sampling, stop: parsed.stop.clone(), ..GenerateConfig::default() };
         choices.push(Admission { id, request: Request { prompt: prompt.clone(), constraint: parsed.constraint.clone(), seed: Some(seed) }, config });
     }
-    Ok(Prepared { prompt_len: prompt.len(), reserve: prompt.len() + max_tokens, parsed: Parsed { max_tokens, ..parsed }, choices })
+    Ok(Prepared { prompt_len: prompt.len(), reserve, parsed: Parsed { max_tokens, ..parsed }, choices })
 }
 
 fn value_has_max(v: &Value) -> bool {

@@ -18,6 +18,8 @@ pub struct Metrics {
     steps: AtomicU64,
     step_rows: AtomicU64,
     step_micros: AtomicU64,
+    joins: AtomicU64,
+    join_micros: AtomicU64,
     latency: Mutex<(Vec<u64>, f64, u64)>,
 }
 
@@ -72,6 +74,12 @@ impl Metrics {
         self.step_micros.fetch_add(took.as_micros() as u64, Relaxed);
     }
 
+    /// Sequences that joined the batch (prefill and first token) and the time it took.
+    pub fn joined(&self, sequences: usize, took: Duration) {
+        self.joins.fetch_add(sequences as u64, Relaxed);
+        self.join_micros.fetch_add(took.as_micros() as u64, Relaxed);
+    }
+
     pub fn render(&self) -> String {
         let mut out = String::new();
         out.push_str("# HELP thinkjson_requests_total Requests answered, by endpoint and status.\n# TYPE thinkjson_requests_total counter\n");
@@ -93,6 +101,11 @@ impl Metrics {
         out.push_str(&format!(
             "# HELP thinkjson_decode_step_seconds_total Time in decode steps.\n# TYPE thinkjson_decode_step_seconds_total counter\nthinkjson_decode_step_seconds_total {:.6}\n",
             self.step_micros.load(Relaxed) as f64 / 1e6
+        ));
+        gauge(&mut out, "thinkjson_joined_sequences_total", "Sequences that joined the running batch.", "counter", self.joins.load(Relaxed));
+        out.push_str(&format!(
+            "# HELP thinkjson_join_seconds_total Time joining sequences (prefill, first token, cache merge).\n# TYPE thinkjson_join_seconds_total counter\nthinkjson_join_seconds_total {:.6}\n",
+            self.join_micros.load(Relaxed) as f64 / 1e6
         ));
         out.push_str("# HELP thinkjson_request_latency_seconds Time from arrival to the last byte of the answer.\n# TYPE thinkjson_request_latency_seconds histogram\n");
         if let Ok(l) = self.latency.lock() {

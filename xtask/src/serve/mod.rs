@@ -82,6 +82,9 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     if args.max_batch == 0 || args.max_queue == 0 || args.max_n == 0 {
         anyhow::bail!("--max-batch, --max-queue and --max-n must be at least 1");
     }
+    if args.max_n > args.max_batch {
+        anyhow::bail!("--max-n {} is above --max-batch {}: a request's choices run together", args.max_n, args.max_batch);
+    }
     if args.reasoning_budgets.len() != 3 {
         anyhow::bail!("--reasoning-budgets takes three numbers (low,medium,high)");
     }
@@ -112,6 +115,7 @@ impl OnBackend for ServeJob {
             max_tokens: args.max_tokens,
             context,
             effort_tokens: [args.reasoning_budgets[0], args.reasoning_budgets[1], args.reasoning_budgets[2]],
+            max_batch_tokens: args.max_batch_tokens,
         };
         let (jobs_tx, jobs_rx) = std::sync::mpsc::sync_channel(args.max_queue);
         let metrics = Arc::new(metrics::Metrics::default());

@@ -60,6 +60,10 @@ pub struct BenchArgs {
     /// `serve`: concurrent clients, requests per client, max_tokens per request.
     #[arg(long, value_delimiter = ',', default_value = "64,4,16")]
     pub serve_load: Vec<usize>,
+    /// `serve`: `short` (40-token records) or `extraction` (the synthetic extraction prompts:
+    /// document text and schema, several hundred tokens).
+    #[arg(long, default_value = "short")]
+    pub serve_prompts: String,
     /// Scratch folder of the `gguf` suite's child steps.
     #[arg(long, hide = true)]
     pub scratch: Option<PathBuf>,

@@ -1,7 +1,9 @@
 //! `cargo xtask bench serve`: load on loopback against `cargo xtask serve` — CLIENTS
 //! concurrent clients × REQUESTS chat requests each — once with continuous batching and once
 //! one request at a time (`--max-batch 1`), same model, prompts and seeds, one sitting.
-//! Reports requests/s, completion tokens/s, p50/p99 latency and the server's peak RSS.
+//! Prompts are short records (about 40 tokens) or, with `--serve-prompts extraction`, the
+//! synthetic extraction prompts the pipeline trains on (text + schema, several hundred
+//! tokens). Reports requests/s, completion tokens/s, p50/p99 latency and the server's peak RSS.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -13,19 +15,19 @@ use serde_json::{json, Value};
 
 use crate::bench::{BenchArgs, Figure};
 
-struct Child2 {
+struct ServerProcess {
     child: Child,
     base: String,
 }
 
-impl Drop for Child2 {
+impl Drop for ServerProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }
 
-fn start(model: &Path, max_batch: usize) -> Result<Child2> {
+fn start(model: &Path, max_batch: usize) -> Result<ServerProcess> {
     let exe = std::env::current_exe().context("this executable")?;
     let mut child = Command::new(exe)
         .args(["serve", "--model"])
@@ -46,7 +48,7 @@ fn start(model: &Path, max_batch: usize) -> Result<Child2> {
         }
     };
     std::thread::spawn(move || for _ in lines {});
-    Ok(Child2 { child, base })
+    Ok(ServerProcess { child, base })
 }
 
 /// Peak RSS of process `pid` (VmHWM), MiB.
@@ -64,7 +66,18 @@ struct Load {
     latencies: Vec<f64>,
 }
 
-fn load(base: &str, clients: usize, per_client: usize, max_tokens: usize) -> Result<Load> {
+/// The chat messages of request `k` of client `c`.
+fn messages(prompts: &[Vec<Value>], c: usize, k: usize, per_client: usize) -> Value {
+    if prompts.is_empty() {
+        return json!([
+            {"role": "system", "content": "Extract the record as JSON."},
+            {"role": "user", "content": format!("Lot AB-{:03}: {} units counted on line {}, released.", c, 10 + k, c % 7)}
+        ]);
+    }
+    Value::from(prompts[(c * per_client + k) % prompts.len()].clone())
+}
+
+fn load(base: &str, clients: usize, per_client: usize, max_tokens: usize, prompts: &[Vec<Value>]) -> Result<Load> {
     let url = format!("{base}/v1/chat/completions");
     let started = Instant::now();
     let results: Vec<Result<Vec<(f64, u64)>>> = std::thread::scope(|scope| {
@@ -75,10 +88,7 @@ fn load(base: &str, clients: usize, per_client: usize, max_tokens: usize) -> Res
                     let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(3600)).build();
                     let mut out = Vec::new();
                     for k in 0..per_client {
-                        let body = json!({"model": "bench", "max_tokens": max_tokens, "temperature": 0.7, "seed": c * per_client + k, "messages": [
-                            {"role": "system", "content": "Extract the record as JSON."},
-                            {"role": "user", "content": format!("Lot AB-{:03}: {} units counted on line {}, released.", c, 10 + k, c % 7)}
-                        ]});
+                        let body = json!({"model": "bench", "max_tokens": max_tokens, "temperature": 0.7, "seed": c * per_client + k, "messages": messages(prompts, c, k, per_client)});
                         let t = Instant::now();
                         let resp = agent.post(url).set("Content-Type", "application/json").send_string(&body.to_string()).with_context(|| format!("client {c} request {k}"))?;
                         let v: Value = serde_json::from_str(&resp.into_string()?)?;
@@ -134,10 +144,19 @@ pub fn serve_suite(args: &BenchArgs, figures: &mut Vec<Figure>) -> Result<()> {
         None => tiny_model(scratch.path())?,
     };
     let name = model.file_name().map_or_else(|| model.display().to_string(), |n| n.to_string_lossy().into_owned());
+    let prompts: Vec<Vec<Value>> = match args.serve_prompts.as_str() {
+        "short" => Vec::new(),
+        "extraction" => thinkjson_synth::generate(thinkjson_synth::SynthConfig { rows: 32, seed: 5, ..Default::default() })?
+            .iter()
+            .map(|row| thinkjson_synth::prompt::messages_with(&row.text, &row.schema, |role, content| json!({"role": role, "content": content})))
+            .collect(),
+        other => bail!("--serve-prompts {other}: short or extraction"),
+    };
+    let name = format!("{name} ({} prompts)", args.serve_prompts);
     let mut rates = Vec::new();
     for (label, max_batch) in [("continuous batching (max batch 16)", 16), ("one at a time (max batch 1)", 1)] {
         let server = start(&model, max_batch)?;
-        let l = load(&server.base, clients, per_client, max_tokens)?;
+        let l = load(&server.base, clients, per_client, max_tokens, &prompts)?;
         let rss = peak_rss_of(server.child.id());
         let scraped = metric_values(&server.base)?;
         let value = |name: &str| scraped.iter().find(|(n, _)| n == name).map_or(0.0, |(_, v)| *v);

@@ -118,8 +118,21 @@ pub(crate) fn closing_cost(matcher: &Matcher, ranks: &ClosingRanks, limit: usize
     if !prefix.is_empty() && !m.is_stopped() {
         let ff = m.compute_ff_tokens();
         m.consume_tokens(&ff).ok()?;
-        m.consume_tokens(prefix).ok()?;
-        used += ff.len() + prefix.len();
+        used += ff.len();
+        // Bytes the grammar forces that no whole token covers yet (before the first sampled
+        // token, the `>` of `<think>`: a longer token may still start with it) come before
+        // the prefix, tokenized with it; the prefix alone does not fit that state.
+        let pending = m.compute_ff_bytes();
+        let tokens = if pending.is_empty() {
+            prefix.to_vec()
+        } else {
+            let env = m.tok_env().ok()?;
+            let mut bytes = pending;
+            bytes.extend(env.tok_trie().decode(prefix));
+            env.tokenize_bytes(&bytes)
+        };
+        m.consume_tokens(&tokens).ok()?;
+        used += tokens.len();
     }
     let mut uses = Uses::default();
     loop {

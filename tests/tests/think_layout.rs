@@ -26,6 +26,13 @@ fn check(tokenizer: &Tokenizer, label: &str) {
     let model = CausalLm::<CpuBackend>::random(&config, 3, &Default::default()).expect("model");
     let generator = Generator::new(tokenizer, vocab, &[]).expect("generator");
     let prompt = tokenizer.encode("Extract the record as JSON.").expect("encode");
+    // Before the first token only `<think` is forced as whole tokens; the closing cost must
+    // still be measurable there. (It was not, for SmolLM2's plain-text tags: the closing
+    // policy then took over every sequence at its first token, and no output was the model's.)
+    for s in schemas() {
+        let cost = generator.closing_cost(&Constraint::think_then_json(s, 64), 512).expect("closing cost");
+        assert!(cost.is_some_and(|c| (5..100).contains(&c)), "{label}: closing cost at the start {cost:?}");
+    }
     for max_new_tokens in [32, 64, 128, 512] {
         for sampling in [SamplingConfig::greedy(), SamplingConfig { seed: 11, ..Default::default() }] {
             let requests: Vec<Request> = schemas()

@@ -1,9 +1,10 @@
 //! `cargo xtask predict`: batched predictions of a model over a dataset, in the JSONL that
-//! `eval` reads (id, completion, latency_ms, tokens, closed). Each batch is appended and
-//! synced before the next starts, so a killed run loses at most one batch, and `--resume`
-//! continues with the rows not yet written: every row ends up exactly once.
+//! `eval` reads (id, completion, latency_ms, tokens, closed). Rows run in a continuously
+//! refilled batch; each prediction is appended and synced as it finishes, so a killed run
+//! loses only the rows in flight, and `--resume` continues with the rows not yet written:
+//! every row ends up exactly once.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -11,7 +12,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use serde::{Deserialize, Serialize};
-use thinkjson_decode::{chat_prompt, Constraint, GenerateConfig, Generator, Request, SamplingConfig};
+use thinkjson_decode::{chat_prompt, Admission, Batcher, Constraint, GenerateConfig, Generator, Request, SamplingConfig};
 use thinkjson_eval::Prediction;
 use thinkjson_model::burn::tensor::backend::Backend;
 use thinkjson_model::{ChatMessage, DeviceSpec, Pretrained};
@@ -53,7 +54,8 @@ pub struct PredictArgs {
     out: PathBuf,
     #[arg(long, value_enum, default_value = "none")]
     constraint: ConstraintKind,
-    /// Rows generated together.
+    /// Sequences generated together: a running batch that a new row joins as soon as there
+    /// is room (continuous batching).
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
     #[arg(long, default_value_t = 512)]
@@ -158,16 +160,51 @@ fn predict_model(model: PathBuf, args: &PredictArgs, rows: &[Row]) -> Result<Pre
     predict_file(&spec, rows, &args.out, args.resume, args.device)
 }
 
-/// Predicts every row of `rows` not yet in `out` and appends it there, batch by batch.
+/// Predicts every row of `rows` not yet in `out` and appends it there.
 pub fn predict_file(spec: &PredictSpec, rows: &[Row], out: &Path, resume: bool, device: DeviceSpec) -> Result<PredictSummary> {
+    let mut summaries = predict_files(spec, &[(spec.constraint, out.to_path_buf())], rows, resume, device)?;
+    summaries.pop().context("one output, one summary")
+}
+
+/// Predicts several decodings of one model (e.g. free and think-then-JSON) over the same
+/// rows in one run, `spec.constraint` replaced by each output's. A row's prompt is prefilled
+/// once and shared by its outputs, and sequences join and leave a running batch of about
+/// `spec.batch_size` (continuous batching), so no row waits for the longest of a fixed
+/// batch. Each prediction is appended and synced as it finishes: a kill loses only the rows
+/// in flight, and `resume` continues every file.
+pub fn predict_files(spec: &PredictSpec, outputs: &[(ConstraintKind, PathBuf)], rows: &[Row], resume: bool, device: DeviceSpec) -> Result<Vec<PredictSummary>> {
     let started = Instant::now();
     if spec.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
-    let Plan { pending, kept, skipped } = plan(rows, out, resume)?;
-    let job = PredictJob { spec: spec.clone(), rows: pending, out: out.to_path_buf(), kept };
-    let written = dispatch(device, job)?;
-    Ok(PredictSummary { rows: rows.len(), kept, written, skipped, failed: Vec::new(), out: out.to_path_buf(), secs: started.elapsed().as_secs_f64() })
+    let mut plans = Vec::with_capacity(outputs.len());
+    let mut jobs = Vec::with_capacity(outputs.len());
+    for (constraint, out) in outputs {
+        let plan = plan(rows, out, resume)?;
+        let pending = plan.pending.iter().map(|r| r.id.clone()).collect();
+        jobs.push(OutputJob { constraint: *constraint, out: out.clone(), pending, kept: plan.kept });
+        plans.push(plan);
+    }
+    // Every row some output still needs, in the data's order (repeated ids left out).
+    let needed: HashSet<&str> = jobs.iter().flat_map(|j| j.pending.iter().map(String::as_str)).collect();
+    let mut seen = HashSet::new();
+    let rows: Vec<Row> = rows.iter().filter(|r| needed.contains(r.id.as_str()) && seen.insert(r.id.as_str())).cloned().collect();
+    let results = dispatch(device, PredictJob { spec: spec.clone(), rows, outputs: jobs })?;
+    let secs = started.elapsed().as_secs_f64();
+    Ok(plans
+        .into_iter()
+        .zip(results)
+        .zip(outputs)
+        .map(|((plan, (written, failed)), (_, out))| PredictSummary {
+            rows: plan.pending.len() + plan.kept + plan.skipped.len(),
+            kept: plan.kept,
+            written,
+            skipped: plan.skipped,
+            failed,
+            out: out.clone(),
+            secs,
+        })
+        .collect())
 }
 
 /// The rows a run still has to predict.
@@ -239,19 +276,35 @@ fn done_ids(out: &Path) -> Result<HashSet<String>> {
     Ok(ids)
 }
 
-struct PredictJob {
-    spec: PredictSpec,
-    rows: Vec<Row>,
+/// One output file of a [`PredictJob`] and the row ids it still needs.
+struct OutputJob {
+    constraint: ConstraintKind,
     out: PathBuf,
+    pending: HashSet<String>,
     kept: usize,
 }
 
+struct PredictJob {
+    spec: PredictSpec,
+    rows: Vec<Row>,
+    outputs: Vec<OutputJob>,
+}
+
+/// A row's sampling seed: the run's seed and the row's id, so it does not depend on the
+/// batch a row lands in nor on whether the run was resumed.
+fn row_seed(seed: u64, id: &str) -> u64 {
+    // FNV-1a: stable across builds and platforms, unlike std's hasher.
+    id.bytes().fold(0xcbf2_9ce4_8422_2325u64 ^ seed, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+}
+
 impl OnBackend for PredictJob {
-    type Output = usize;
-    fn run<B: Backend>(self, device: B::Device) -> Result<usize> {
-        let spec = &self.spec;
-        if self.rows.is_empty() {
-            return Ok(0);
+    /// Per output: rows written, and ids of rows whose constraint was refused.
+    type Output = Vec<(usize, Vec<String>)>;
+    fn run<B: Backend>(self, device: B::Device) -> Result<Self::Output> {
+        let PredictJob { spec, rows, outputs } = self;
+        let mut results: Vec<(usize, Vec<String>)> = vec![(0, Vec::new()); outputs.len()];
+        if rows.is_empty() {
+            return Ok(results);
         }
         let pretrained = crate::model_ref::open(&spec.model)?;
         // Merged: the adapter's function without its extra matmuls at every decoding step.
@@ -265,45 +318,80 @@ impl OnBackend for PredictJob {
             SamplingConfig::greedy()
         };
         let config = GenerateConfig { max_new_tokens: spec.max_new_tokens, sampling, ..GenerateConfig::default() };
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.out)
-            .with_context(|| format!("opening {}", self.out.display()))?;
-        let total = (self.rows.len() + self.kept) as u64;
-        let bar = crate::metrics_log::step_bar("predict", total, self.kept as u64);
-        let mut written = 0;
-        for chunk in self.rows.chunks(spec.batch_size) {
-            let mut requests = Vec::with_capacity(chunk.len());
-            for row in chunk {
-                let messages = thinkjson_synth::prompt::messages_with(&row.text, &row.schema, ChatMessage::new);
-                let prompt = chat_prompt(&template, &tokenizer, &messages)?;
-                let constraint = match spec.constraint {
-                    ConstraintKind::None => Constraint::None,
-                    ConstraintKind::JsonSchema => Constraint::json_schema(row.schema.clone()),
-                    ConstraintKind::ThinkThenJson => Constraint::think_then_json(row.schema.clone(), spec.max_think_tokens),
-                };
-                requests.push(Request::new(prompt, constraint));
+        let mut files = Vec::with_capacity(outputs.len());
+        for o in &outputs {
+            let file = std::fs::OpenOptions::new().create(true).append(true).open(&o.out).with_context(|| format!("opening {}", o.out.display()))?;
+            files.push(file);
+        }
+        let k_outputs = outputs.len();
+        // Work left: each row with the outputs that still need it.
+        let mut queue: VecDeque<(usize, Vec<usize>)> = rows
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (i, (0..k_outputs).filter(|&k| outputs[k].pending.contains(&r.id)).collect::<Vec<_>>()))
+            .filter(|(_, ks)| !ks.is_empty())
+            .collect();
+        let todo: usize = queue.iter().map(|(_, ks)| ks.len()).sum();
+        let kept: usize = outputs.iter().map(|o| o.kept).sum();
+        let bar = crate::metrics_log::step_bar("predict", (todo + kept) as u64, kept as u64);
+        let cap = spec.batch_size;
+        let mut batcher = Batcher::new(&model);
+        let mut joined_at: HashMap<u64, Instant> = HashMap::new();
+        while !queue.is_empty() || !batcher.is_empty() {
+            // Join rows in groups (each join copies the running cache once) once a quarter
+            // of the batch is free, or at once when the batch is empty.
+            let free = cap.saturating_sub(batcher.len());
+            let front = queue.front().map_or(0, |(_, ks)| ks.len());
+            if front > 0 && (batcher.is_empty() || free >= front.max(cap / 4)) {
+                let mut room = free.max(front);
+                let mut joining = Vec::new();
+                while let Some((i, ks)) = queue.pop_front() {
+                    if ks.len() > room {
+                        queue.push_front((i, ks));
+                        break;
+                    }
+                    room -= ks.len();
+                    let row = &rows[i];
+                    let messages = thinkjson_synth::prompt::messages_with(&row.text, &row.schema, ChatMessage::new);
+                    let prompt = chat_prompt(&template, &tokenizer, &messages)?;
+                    for k in ks {
+                        let constraint = match outputs[k].constraint {
+                            ConstraintKind::None => Constraint::None,
+                            ConstraintKind::JsonSchema => Constraint::json_schema(row.schema.clone()),
+                            ConstraintKind::ThinkThenJson => Constraint::think_then_json(row.schema.clone(), spec.max_think_tokens),
+                        };
+                        let id = (i * k_outputs + k) as u64;
+                        let request = Request { prompt: prompt.clone(), constraint, seed: Some(row_seed(spec.seed, &row.id)) };
+                        joining.push(Admission { id, request, config: config.clone() });
+                        joined_at.insert(id, Instant::now());
+                    }
+                }
+                for (id, e) in batcher.join(&generator, &model, joining)? {
+                    let (i, k) = (id as usize / k_outputs, id as usize % k_outputs);
+                    eprintln!("predict: row `{}` ({}): {e}; it gets no prediction", rows[i].id, outputs[k].out.display());
+                    results[k].1.push(rows[i].id.clone());
+                    bar.inc(1);
+                }
             }
-            let started = Instant::now();
-            let (completions, _) = generator.generate(&model, &requests, &config)?;
-            let ms = 1000.0 * started.elapsed().as_secs_f64() / chunk.len() as f64;
-            let constrained = spec.constraint != ConstraintKind::None;
-            let mut text = String::new();
-            for (row, c) in chunk.iter().zip(completions) {
-                let p = Prediction { id: row.id.clone(), completion: c.text, latency_ms: Some(ms), tokens: Some(c.tokens.len() as f64), closed: constrained.then_some(c.closed) };
-                text.push_str(&serde_json::to_string(&p)?);
-                text.push('\n');
+            batcher.step(&generator, &model)?;
+            for (id, c) in batcher.take_finished(&generator, &model)? {
+                let (i, k) = (id as usize / k_outputs, id as usize % k_outputs);
+                let ms = joined_at.remove(&id).map(|t| 1000.0 * t.elapsed().as_secs_f64());
+                let constrained = outputs[k].constraint != ConstraintKind::None;
+                let p = Prediction { id: rows[i].id.clone(), completion: c.text, latency_ms: ms, tokens: Some(c.tokens.len() as f64), closed: constrained.then_some(c.closed) };
+                let mut line = serde_json::to_string(&p)?;
+                line.push('\n');
+                // One write per prediction, synced: a kill leaves whole lines (or a cut last
+                // line, which a resume drops).
+                let out = &outputs[k].out;
+                files[k].write_all(line.as_bytes()).with_context(|| format!("appending to {}", out.display()))?;
+                files[k].sync_data().with_context(|| format!("syncing {}", out.display()))?;
+                results[k].0 += 1;
+                bar.inc(1);
             }
-            // One write per batch, synced: a kill leaves whole batches (or a cut last line,
-            // which a resume drops).
-            file.write_all(text.as_bytes()).with_context(|| format!("appending to {}", self.out.display()))?;
-            file.sync_data().with_context(|| format!("syncing {}", self.out.display()))?;
-            written += chunk.len();
-            bar.inc(chunk.len() as u64);
         }
         bar.finish_and_clear();
-        Ok(written)
+        Ok(results)
     }
 }
 
@@ -316,5 +404,51 @@ pub fn tokenizer_of(model: &Pretrained, adapter: Option<&Path>) -> Result<thinkj
             Some(a) => Ok(thinkjson_model::Tokenizer::from_path(a)?),
             None => Err(e).with_context(|| format!("tokenizer of {}", model.path().display())),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use thinkjson_model::{CausalLm, CpuBackend, ModelConfig, StorageDtype};
+
+    /// The eval stage's path: free and constrained outputs of one model predicted together
+    /// (shared prefills, one running batch) are the outputs each gets predicted alone.
+    #[test]
+    fn outputs_predicted_together_equal_each_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let model_dir = dir.path().join("model");
+        let assets = Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/qwen");
+        let tokenizer = thinkjson_model::Tokenizer::from_path(&assets).unwrap();
+        let config = ModelConfig::preset("tiny").unwrap().with_vocab_size(tokenizer.vocab_size());
+        CausalLm::<CpuBackend>::random(&config, 3, &Default::default()).unwrap().save_pretrained(&model_dir, StorageDtype::Float32).unwrap();
+        for f in ["tokenizer.json", "tokenizer_config.json"] {
+            std::fs::copy(assets.join(f), model_dir.join(f)).unwrap();
+        }
+        let rows = thinkjson_synth::generate(thinkjson_synth::SynthConfig { rows: 10, seed: 4, ..Default::default() }).unwrap();
+        let spec = |constraint| PredictSpec {
+            model: model_dir.clone(),
+            adapter: None,
+            constraint,
+            batch_size: 4,
+            max_new_tokens: 24,
+            max_think_tokens: 6,
+            temperature: 0.0,
+            seed: 0,
+        };
+        let kinds = [ConstraintKind::None, ConstraintKind::ThinkThenJson];
+        let together: Vec<(ConstraintKind, PathBuf)> = kinds.iter().map(|&k| (k, dir.path().join(format!("together-{k:?}.jsonl")))).collect();
+        let summaries = predict_files(&spec(ConstraintKind::None), &together, &rows, false, DeviceSpec::Cpu).unwrap();
+        assert!(summaries.iter().all(|s| s.written == rows.len() && s.failed.is_empty()));
+        let read = |p: &Path| -> HashMap<String, (String, Option<bool>)> {
+            std::fs::read_to_string(p).unwrap().lines().map(|l| serde_json::from_str::<Prediction>(l).unwrap()).map(|p| (p.id, (p.completion, p.closed))).collect()
+        };
+        for (k, path) in &together {
+            let alone = dir.path().join(format!("alone-{k:?}.jsonl"));
+            predict_file(&spec(*k), &rows, &alone, false, DeviceSpec::Cpu).unwrap();
+            let (a, b) = (read(path), read(&alone));
+            assert_eq!(a.len(), rows.len());
+            assert_eq!(a, b, "{k:?}");
+        }
     }
 }

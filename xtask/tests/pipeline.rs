@@ -21,6 +21,9 @@ fn reduced_config(out: &Path, sft_rows: usize, grpo_steps: u64) -> String {
     let template = repo().join("assets/qwen/tokenizer_config.json");
     format!(
         r#"out = "{out}"
+finetune = "full"
+[model]
+preset = "tiny"
 [synth]
 grpo_rows = 4
 sft_rows = {sft_rows}
@@ -200,7 +203,7 @@ fn a_lora_pipeline_trains_adapters_and_merges_them_for_the_next_stage() {
     let dir = tempfile::tempdir().expect("tmp");
     let out = dir.path().join("run");
     let cfg = dir.path().join("p.toml");
-    let config = format!("{}[lora]\nr = 4\nalpha = 8.0\ntarget_modules = [\"q_proj\", \"v_proj\", \"up_proj\"]\n", reduced_config(&out, 2, 1));
+    let config = format!("{}[lora]\nr = 4\nalpha = 8.0\ntarget_modules = [\"q_proj\", \"v_proj\", \"up_proj\"]\n", reduced_config(&out, 2, 1).replace("finetune = \"full\"", "finetune = \"lora\""));
     std::fs::write(&cfg, config).expect("config");
     let o = run(&["pipeline", "--config", cfg.to_str().expect("utf-8")]);
     assert!(o.status.success(), "{}", stderr(&o));

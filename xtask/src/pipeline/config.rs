@@ -26,10 +26,39 @@ pub struct PipelineFile {
     pub sft: SftConfig,
     pub grpo: GrpoConfig,
     pub eval: EvalSection,
+    /// How a training stage without its own `[sft.lora]` / `[grpo.lora]` trains: `lora`
+    /// (default) with the `[lora]` table, or LoRA's defaults when there is none (r 16,
+    /// alpha 32, the seven projections); `full`: every weight (a `[lora]` table is then an
+    /// error). After a LoRA stage the pipeline merges the adapter into `merged/` for the
+    /// next stage and the evaluation.
+    pub finetune: Finetune,
     /// LoRA for both training stages (each may set its own as `[sft.lora]` / `[grpo.lora]`).
-    /// After a LoRA stage the pipeline merges the adapter into `merged/` for the next stage
-    /// and the evaluation. Default: none (full fine-tuning).
+    /// Default: none (LoRA's defaults).
     pub lora: Option<LoraConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Finetune {
+    #[default]
+    Lora,
+    Full,
+}
+
+impl PipelineFile {
+    /// Gives each training stage its LoRA settings (see [`PipelineFile::finetune`]).
+    pub fn resolve_lora(&mut self) -> anyhow::Result<()> {
+        match (self.finetune, self.lora.take()) {
+            (Finetune::Full, Some(_)) => anyhow::bail!("finetune = \"full\" and a [lora] table: choose one (a stage may still set [sft.lora] or [grpo.lora])"),
+            (Finetune::Full, None) => {}
+            (Finetune::Lora, lora) => {
+                let lora = lora.unwrap_or_default();
+                self.sft.lora.get_or_insert_with(|| lora.clone());
+                self.grpo.lora.get_or_insert(lora);
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -81,11 +110,26 @@ pub struct ModelSection {
     /// The starting model: an HF model directory (config.json, safetensors, tokenizer.json,
     /// tokenizer_config.json), a GGUF file, or an embedded model name
     /// (`smollm2-135m-instruct`). A GGUF model is imported into OUT/base (f32) by the model
-    /// stage and its tokenizer files into OUT/tokenizer by the tokenizer stage. Default: none.
+    /// stage and its tokenizer files into OUT/tokenizer by the tokenizer stage.
+    /// Default: `smollm2-135m-instruct` (committed, no download).
     pub dir: Option<PathBuf>,
-    /// Otherwise: seeded random weights of this preset, sized to the trained tokenizer.
-    pub preset: String,
+    /// Instead of `dir`: seeded random weights of this preset (`tiny`, `smollm2-135m`, …),
+    /// sized to a BPE tokenizer trained on the synthetic corpus (`[tokenizer]`). When set,
+    /// `dir` is not used. Default: none.
+    pub preset: Option<String>,
+    /// Seed of the preset's random weights.
     pub init_seed: u64,
+}
+
+impl ModelSection {
+    /// The pretrained model to start from: `dir`, unless a `preset` asks for random weights.
+    pub fn pretrained(&self) -> Option<&std::path::Path> {
+        if self.preset.is_some() {
+            None
+        } else {
+            self.dir.as_deref()
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -96,13 +140,16 @@ pub struct EvalSection {
     pub max_new_tokens: usize,
     /// Think budget of the constrained (think-then-JSON) runs.
     pub max_think_tokens: usize,
-    /// Sequences generated together.
+    /// Held-out rows whose loss the SFT stage measures when it ends (one forward pass each).
+    pub loss_rows: usize,
+    /// Sequences generated together (a running batch that rows join as others finish; a
+    /// row's free and constrained outputs share one prefill).
     pub batch_size: usize,
 }
 
 impl Default for PipelineFile {
-    /// The embedded CPU run: a tiny Qwen2 and a BPE tokenizer trained on the synthetic corpus,
-    /// sized to finish in minutes on 2 cores.
+    /// The embedded CPU run: LoRA on the committed SmolLM2-135M-Instruct (its own tokenizer
+    /// and chat template), sized by measurement to finish in about 20 minutes on 2 cores.
     fn default() -> Self {
         Self {
             out: PathBuf::from("runs/pipeline"),
@@ -111,39 +158,45 @@ impl Default for PipelineFile {
             synth: SynthSection::default(),
             tokenizer: TokenizerSection::default(),
             model: ModelSection::default(),
+            // One pass at LoRA's larger step: the instruct model already writes JSON-like
+            // text, so a few dozen examples teach it the <think>/<answer> format and the
+            // schema's field names.
+            // No warmup: with LoRA's B at zero, a first step at lr 0 would be a lost step.
             sft: SftConfig {
-                lr: 2e-3,
-                warmup_ratio: 0.05,
+                lr: 1e-3,
+                warmup_ratio: 0.0,
                 decay: Decay::Cosine,
-                epochs: 6,
+                epochs: 1,
                 batch_size: 4,
                 grad_accum: 1,
                 max_len: 1024,
-                save_every: 25,
+                save_every: 5,
                 keep_last: 2,
                 eval_every: 0,
                 eval_generations: 0,
                 ..SftConfig::default()
             },
-            // Free rollouts, as in the paper. About a quarter of the SFT model's samples are
-            // valid JSON, so the groups differ in the JSON and format rewards; at TRL's
-            // 1.5B learning rate 16 steps would move this small a model nowhere.
+            // Free rollouts, as in the paper: after SFT about one in eight is valid JSON at
+            // temperature 1, so the groups differ in the format, JSON and schema rewards.
             grpo: GrpoConfig {
-                num_generations: 8,
+                num_generations: 4,
                 prompts_per_step: 2,
-                max_steps: 16,
-                max_completion_len: 256,
-                max_prompt_len: 640,
+                max_steps: 3,
+                max_completion_len: 224,
+                max_prompt_len: 1024,
                 constraint: RolloutConstraint::None,
-                lr: 1e-3,
-                grad_accum: 2,
-                save_every: 5,
+                lr: 2e-4,
+                warmup_ratio: 0.0,
+                decay: Decay::Constant,
+                grad_accum: 1,
+                save_every: 1,
                 keep_last: 2,
-                sample_every: 5,
+                sample_every: 1,
                 optimizer: AdamWConfig { weight_decay: 0.0, ..AdamWConfig::default() },
                 ..GrpoConfig::default()
             },
             eval: EvalSection::default(),
+            finetune: Finetune::Lora,
             lora: None,
         }
     }
@@ -153,8 +206,8 @@ impl Default for SynthSection {
     fn default() -> Self {
         // The four kinds with the shortest records: the embedded run is about format, not length.
         let kinds = ["training", "supplier_audit", "capa", "stability_study"].map(String::from).to_vec();
-        // Brief traces: a model trained from scratch for minutes learns the JSON, not prose.
-        Self { seed: 1, grpo_rows: 64, sft_rows: 320, eval_rows: 32, kinds, random_schema_share: 0.1, reasoning: ReasoningStyle::Brief }
+        // Brief traces: minutes of training teach the JSON, not prose; and they keep eval short.
+        Self { seed: 1, grpo_rows: 64, sft_rows: 64, eval_rows: 64, kinds, random_schema_share: 0.1, reasoning: ReasoningStyle::Brief }
     }
 }
 
@@ -166,19 +219,37 @@ impl Default for TokenizerSection {
 
 impl Default for ModelSection {
     fn default() -> Self {
-        Self { dir: None, preset: "tiny".into(), init_seed: 0 }
+        Self { dir: Some(PathBuf::from("smollm2-135m-instruct")), preset: None, init_seed: 0 }
     }
 }
 
 impl Default for EvalSection {
     fn default() -> Self {
-        Self { rows: 32, max_new_tokens: 256, max_think_tokens: 64, batch_size: 8 }
+        Self { rows: 64, max_new_tokens: 224, max_think_tokens: 48, loss_rows: 16, batch_size: 16 }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lora_goes_to_stages_without_their_own_and_full_refuses_a_lora_table() {
+        let mut file = PipelineFile::default();
+        file.resolve_lora().unwrap();
+        assert_eq!(file.sft.lora, Some(LoraConfig::default()));
+        assert_eq!(file.grpo.lora, Some(LoraConfig::default()));
+        let mut file = PipelineFile { lora: Some(LoraConfig { r: 4, ..LoraConfig::default() }), ..PipelineFile::default() };
+        file.sft.lora = Some(LoraConfig { r: 8, ..LoraConfig::default() });
+        file.resolve_lora().unwrap();
+        assert_eq!((file.sft.lora.map(|l| l.r), file.grpo.lora.map(|l| l.r)), (Some(8), Some(4)));
+        let mut full = PipelineFile { finetune: Finetune::Full, ..PipelineFile::default() };
+        full.resolve_lora().unwrap();
+        assert_eq!((full.sft.lora, full.grpo.lora), (None, None));
+        let mut both = PipelineFile { finetune: Finetune::Full, lora: Some(LoraConfig::default()), ..PipelineFile::default() };
+        let err = both.resolve_lora().unwrap_err().to_string();
+        assert!(err.contains("finetune") && err.contains("[lora]"), "{err}");
+    }
 
     #[test]
     fn committed_configs_parse_and_unknown_fields_are_named() {
@@ -191,9 +262,21 @@ mod tests {
         assert_eq!(file.order, StageOrder::GrpoThenSft, "the paper's order");
         assert_eq!(file.sft.lora.as_ref().map(|l| l.r), Some(16), "SFT with LoRA, as the paper");
         assert!(file.grpo.lora.is_none());
+        assert_eq!(file.finetune, Finetune::Full, "GRPO trains every weight");
         let default = PipelineFile::default();
         default.sft.validate().unwrap();
         default.grpo.validate().unwrap();
+        assert_eq!(default.model.pretrained(), Some(std::path::Path::new("smollm2-135m-instruct")));
+        assert_eq!(default.finetune, Finetune::Lora);
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/pipeline-tiny.toml");
+        let tiny: PipelineFile = toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!((tiny.model.preset.as_deref(), tiny.model.pretrained(), tiny.finetune), (Some("tiny"), None, Finetune::Full));
+        for name in ["pipeline-tiny.toml", "pipeline-smollm2-1h.toml"] {
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs").join(name);
+            let file: PipelineFile = crate::train_common::read_config(&path).unwrap();
+            file.sft.validate().unwrap();
+            file.grpo.validate().unwrap();
+        }
         for (text, field) in [("[synth]\nrows = 3\n", "rows"), ("[grpo]\nepsilon = 0.1\n", "epsilon"), ("devic = \"cpu\"\n", "devic")] {
             let err = toml::from_str::<PipelineFile>(text).unwrap_err().to_string();
             assert!(err.contains(field), "{text}: {err}");

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use thinkjson_eval::{evaluate, parse_jsonl, Curves, Prediction, Report, Sample};
 use thinkjson_model::DeviceSpec;
@@ -13,7 +13,7 @@ use thinkjson_synth::Split;
 
 use super::config::PipelineFile;
 use super::stages::split_path;
-use crate::cmd_predict::{predict_file, ConstraintKind, PredictSpec};
+use crate::cmd_predict::{predict_files, ConstraintKind, PredictSpec};
 
 /// One evaluated system: a model directory and a decoding mode.
 pub struct System {
@@ -50,25 +50,44 @@ pub fn run(file: &PipelineFile, systems: &[System], curves: &[(&str, PathBuf)]) 
         .iter()
         .map(|r| Sample { id: r.id.clone(), kind: r.kind.clone(), style: r.style.clone(), schema: r.schema.clone(), object: r.object.clone() })
         .collect();
-    let cache = ValidatorCache::new();
-    let mut runs = Vec::new();
-    // Constrained outputs that ran short of tokens and were closed by the decoder.
-    let mut closed = Vec::new();
-    for system in systems {
-        let path = pred_dir.join(format!("{}.jsonl", system.name.replace(' ', "-")));
-        // Without a resume the stage's directory was cleared, so nothing is reused; with one,
-        // finished files are kept and a file cut by a kill continues where it stopped.
+    // A model's systems run together: each prompt is prefilled once for its free and its
+    // constrained output. Without a resume the stage's directory was cleared, so nothing is
+    // reused; with one, finished files are kept and a file cut by a kill continues.
+    let path_of = |s: &System| pred_dir.join(format!("{}.jsonl", s.name.replace(' ', "-")));
+    let mut models: Vec<&Path> = Vec::new();
+    for s in systems {
+        if !models.contains(&s.model.as_path()) {
+            models.push(&s.model);
+        }
+    }
+    for model in models {
+        let outputs: Vec<(ConstraintKind, PathBuf)> = systems
+            .iter()
+            .filter(|s| s.model == model)
+            .map(|s| (if s.constrained { ConstraintKind::ThinkThenJson } else { ConstraintKind::None }, path_of(s)))
+            .collect();
         let spec = PredictSpec {
-            model: system.model.clone(),
+            model: model.to_path_buf(),
             adapter: None,
-            constraint: if system.constrained { ConstraintKind::ThinkThenJson } else { ConstraintKind::None },
+            constraint: ConstraintKind::None,
             batch_size: file.eval.batch_size.max(1),
             max_new_tokens: file.eval.max_new_tokens,
             max_think_tokens: file.eval.max_think_tokens,
             temperature: 0.0,
             seed: 0,
         };
-        predict_file(&spec, &rows, &path, true, device).with_context(|| format!("predictions of {}", system.name))?;
+        for summary in predict_files(&spec, &outputs, &rows, true, device).with_context(|| format!("predictions of {}", model.display()))? {
+            if !summary.failed.is_empty() {
+                bail!("{}: rows {:?} got no prediction", summary.out.display(), summary.failed);
+            }
+        }
+    }
+    let cache = ValidatorCache::new();
+    let mut runs = Vec::new();
+    // Constrained outputs that ran short of tokens and were closed by the decoder.
+    let mut closed = Vec::new();
+    for system in systems {
+        let path = path_of(system);
         let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
         let (preds, skipped) = parse_jsonl::<Prediction>(&text);
         closed.push(preds.iter().filter(|p| p.closed == Some(true)).count());

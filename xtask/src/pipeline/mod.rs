@@ -64,6 +64,7 @@ pub fn pipeline(args: PipelineArgs) -> Result<()> {
     if let Some(d) = args.device {
         file.device = d.to_string();
     }
+    file.resolve_lora()?;
     let selected: Vec<String> = args.stages.clone().unwrap_or_else(|| STAGES.iter().map(|s| s.to_string()).collect());
     check_before_work(&file, &selected, args.resume)?;
     init_log(&file.out)?;
@@ -121,15 +122,9 @@ pub fn pipeline(args: PipelineArgs) -> Result<()> {
     Ok(())
 }
 
-/// Reads a pipeline config as changes to the embedded defaults, then gives `[lora]` to both
-/// training stages unless a stage has its own.
+/// Reads a pipeline config as changes to the embedded defaults.
 fn read_config(path: &Path) -> Result<PipelineFile> {
-    let mut file: PipelineFile = crate::train_common::read_config(path)?;
-    if let Some(lora) = file.lora.take() {
-        file.sft.lora.get_or_insert_with(|| lora.clone());
-        file.grpo.lora.get_or_insert(lora);
-    }
-    Ok(file)
+    crate::train_common::read_config(path)
 }
 
 /// Everything that can be checked before any work: stage names, hyper-parameters, the
@@ -150,7 +145,7 @@ fn check_before_work(file: &PipelineFile, selected: &[String], resume: bool) -> 
                 bail!("model.dir {}: no {needed} there (need an HF model directory)", dir.display());
             }
         }
-    } else if let Some(arg) = &file.model.dir {
+    } else if let Some(arg) = file.model.pretrained() {
         // A GGUF file or an embedded name: its header, config and tokenizer must be usable.
         let model = crate::model_ref::open(arg).context("model.dir")?;
         model.config().context("model.dir")?;
@@ -184,7 +179,7 @@ fn stage_keys(file: &PipelineFile, sequence: &[&str]) -> Vec<String> {
     }
     let own = |stage: &str| match stage {
         "synth" => v(&file.synth),
-        "tokenizer" => json!([v(&file.tokenizer), file.model.dir]),
+        "tokenizer" => json!([v(&file.tokenizer), file.model.pretrained()]),
         "model" => v(&file.model),
         "sft" => v(&file.sft),
         "grpo" => v(&file.grpo),
@@ -234,7 +229,7 @@ fn inputs_of(file: &PipelineFile, stage: &str) -> Vec<PathBuf> {
         "model" => {
             let mut inputs = vec![stages::tokenizer_dir(file).join("tokenizer.json")];
             // A GGUF file is hashed whole (its bytes are the model); an HF directory by config and sizes.
-            if let Some(arg) = file.model.dir.as_deref().filter(|_| stages::own_hf_dir(file).is_none()) {
+            if let Some(arg) = file.model.pretrained().filter(|_| stages::own_hf_dir(file).is_none()) {
                 inputs.push(crate::model_ref::open(arg).map(|m| m.path().to_path_buf()).unwrap_or_else(|_| arg.to_path_buf()));
             }
             inputs
@@ -279,6 +274,7 @@ fn run_stage(file: &PipelineFile, stage: &str, resume: bool) -> Result<Value> {
                 tokenizer: stages::tokenizer_dir(file),
                 data: Some(stages::split_path(out, Split::Sft)),
                 eval_data: Some(stages::split_path(out, Split::Eval)),
+                eval_rows: file.eval.loss_rows,
                 out: out.join("sft"),
                 device: file.device.clone(),
                 train: file.sft.clone(),

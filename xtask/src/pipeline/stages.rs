@@ -55,12 +55,12 @@ pub fn synth(file: &PipelineFile) -> Result<Value> {
 /// `model.dir` when it is an HF directory used as is; `None` for a GGUF file or embedded
 /// name (imported into the run) and for a preset.
 pub fn own_hf_dir(file: &PipelineFile) -> Option<&Path> {
-    file.model.dir.as_deref().filter(|d| d.is_dir())
+    file.model.pretrained().filter(|d| d.is_dir())
 }
 
 /// The GGUF model `model.dir` names, if it names one.
 fn gguf_model(file: &PipelineFile) -> Result<Option<thinkjson_model::Pretrained>> {
-    match &file.model.dir {
+    match file.model.pretrained() {
         Some(arg) if !arg.is_dir() => Ok(Some(crate::model_ref::open(arg)?)),
         _ => Ok(None),
     }
@@ -142,7 +142,8 @@ pub fn model(file: &PipelineFile) -> Result<Value> {
     }
     let tok_dir = tokenizer_dir(file);
     let tok = Tokenizer::from_path(&tok_dir)?;
-    let config = ModelConfig::preset(&file.model.preset)?.with_vocab_size(tok.vocab_size());
+    let preset = file.model.preset.as_deref().context("[model]: neither `dir` nor `preset` is set")?;
+    let config = ModelConfig::preset(preset)?.with_vocab_size(tok.vocab_size());
     let model = CausalLm::<CpuBackend>::random(&config, file.model.init_seed, &Default::default())?;
     let dir = base_dir(file);
     model.save_pretrained(&dir, StorageDtype::Float32)?;

@@ -8,6 +8,8 @@ pub enum ModelError {
     // Causes are part of the message (not chained as `source`) so one line says it all.
     #[error("cannot read {path}: {cause}")]
     Io { path: PathBuf, cause: std::io::Error },
+    #[error("cannot write {path}: {cause}")]
+    Write { path: PathBuf, cause: std::io::Error },
     #[error("{path}: invalid JSON: {cause}")]
     Json {
         path: PathBuf,
@@ -57,6 +59,12 @@ pub type Result<T, E = ModelError> = std::result::Result<T, E>;
 impl ModelError {
     pub(crate) fn io(path: impl Into<PathBuf>, cause: std::io::Error) -> Self {
         Self::Io {
+            path: path.into(),
+            cause,
+        }
+    }
+    pub(crate) fn write(path: impl Into<PathBuf>, cause: std::io::Error) -> Self {
+        Self::Write {
             path: path.into(),
             cause,
         }

@@ -540,7 +540,7 @@ impl<B: Backend> CausalLm<B> {
                 "the model has LoRA adapters: save them with `save_adapter`, or `merge_lora` first to save a full model".into(),
             ));
         }
-        std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+        std::fs::create_dir_all(dir).map_err(|e| ModelError::write(dir, e))?;
         let tensors = self.hf_tensors()?;
         write_safetensors(dir, &tensors, dtype)?;
         let config = ModelConfig {

@@ -226,7 +226,7 @@ fn serialize_atomic(dir: &Path, encoded: &[Encoded]) -> Result<()> {
         path: tmp.clone(),
         reason: e.to_string(),
     })?;
-    std::fs::rename(&tmp, &final_path).map_err(|e| ModelError::io(&final_path, e))
+    std::fs::rename(&tmp, &final_path).map_err(|e| ModelError::write(&final_path, e))
 }
 
 /// Every tensor of a model with this config: HF name and HF shape (`[out, in]` for linears).
@@ -266,8 +266,8 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "out".into());
     let tmp = path.with_file_name(format!(".{name}.tmp"));
-    std::fs::write(&tmp, contents).map_err(|e| ModelError::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| ModelError::io(path, e))
+    std::fs::write(&tmp, contents).map_err(|e| ModelError::write(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| ModelError::write(path, e))
 }
 
 /// `[rows, cols]` → `[cols, rows]` (HF `[out, in]` ↔ burn `[in, out]`).
@@ -279,4 +279,18 @@ pub(crate) fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_write_says_write_and_names_the_file() {
+        let dir = std::env::temp_dir().join(format!("thinkjson-no-such-dir-{}", std::process::id()));
+        let path = dir.join("bench.json");
+        let err = write_atomic(&path, b"{}").map(|_| ()).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.starts_with("cannot write "), "{err}");
+        assert!(err.contains(".bench.json.tmp"), "{err}");
+    }
 }

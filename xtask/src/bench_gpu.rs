@@ -42,9 +42,17 @@ mod cuda {
 
     use crate::bench::{BenchArgs, Figure};
 
-/// H100 SXM HBM3 bandwidth, bytes/s (the batch-1 decode bound: every weight read per token).
-const HBM_BYTES_PER_SEC: f64 = 3.35e12;
-/// H100 SXM dense bf16 tensor-core peak, FLOP/s (the MFU denominator).
+/// HBM bandwidth in bytes/s (the batch-1 decode bound: every weight read per token): the H200's
+/// HBM3e when nvidia-smi names that card, else the H100 SXM's HBM3.
+fn hbm_bytes_per_sec(index: usize) -> f64 {
+    let name = std::process::Command::new("nvidia-smi")
+        .args(["--query-gpu=name", "--format=csv,noheader", "-i", &index.to_string()])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    if name.contains("H200") { 4.8e12 } else { 3.35e12 }
+}
+/// Dense bf16 tensor-core peak of the H100 SXM and the H200 alike, FLOP/s (the MFU denominator).
 const PEAK_BF16_FLOPS: f64 = 989e12;
 
 /// GPU memory in use (MiB) as nvidia-smi reports it. burn's pool keeps what it allocated,
@@ -59,14 +67,35 @@ fn gpu_memory_mib(index: usize) -> f64 {
 }
 
 
+    /// One part of the suite: appends its figures.
+    type Part<'a> = dyn Fn(&mut Vec<Figure>) -> Result<()> + 'a;
+
     pub fn run(args: &BenchArgs, index: usize, figures: &mut Vec<Figure>) -> Result<()> {
         let device = CudaDevice::new(index);
-        parity::<CudaBackend>("f32", &device, figures)?;
-        parity::<CudaBf16Backend>("bf16", &device, figures)?;
-        greedy_matches_cpu(&device, figures)?;
-        measure::<CudaBackend, Autodiff<CudaBackend>>(args, "f32", 4.0, &device, index, figures)?;
-        measure::<CudaBf16Backend, Autodiff<CudaBf16Backend>>(args, "bf16", 2.0, &device, index, figures)?;
-        Ok(())
+        // Each part's figures go to stderr as they come, so a part that fails or a run cut
+        // short by a device lease still leaves the others'; the first error is returned.
+        let mut first_error = None;
+        let mut printed = 0;
+        let parts: [(&str, &Part); 5] = [
+            ("parity f32", &|f| parity::<CudaBackend>("f32", &device, f)),
+            ("parity bf16", &|f| parity::<CudaBf16Backend>("bf16", &device, f)),
+            ("greedy vs CPU", &|f| greedy_matches_cpu(&device, f)),
+            ("f32", &|f| measure::<CudaBackend, Autodiff<CudaBackend>>(args, "f32", 4.0, &device, index, f)),
+            ("bf16", &|f| measure::<CudaBf16Backend, Autodiff<CudaBf16Backend>>(args, "bf16", 2.0, &device, index, f)),
+        ];
+        for (name, part) in parts {
+            let t = Instant::now();
+            if let Err(e) = part(figures) {
+                eprintln!("bench gpu: {name}: {e:#}");
+                first_error.get_or_insert(e.context(format!("bench gpu: {name}")));
+            }
+            for f in &figures[printed..] {
+                eprintln!("{:<64} {:>14.6} {}", f.name, f.value, f.unit);
+            }
+            printed = figures.len();
+            eprintln!("bench gpu: {name} done in {:.1} s", t.elapsed().as_secs_f64());
+        }
+        first_error.map_or(Ok(()), Err)
     }
 
     fn sync<B: Backend>(t: thinkjson_model::burn::tensor::Tensor<B, 3>) -> Result<()> {
@@ -103,15 +132,17 @@ fn gpu_memory_mib(index: usize) -> f64 {
         Ok(())
     }
 
-    /// Greedy decoding of the fixture model on CPU and CUDA (f32): the share of equal tokens.
+    /// Greedy decoding of one random tiny model (host-seeded weights, so equal on both devices)
+    /// on CPU and CUDA (f32): the share of equal tokens. The preset's vocabulary is Qwen2.5's, which
+    /// covers the Qwen tokenizer the generator needs.
     fn greedy_matches_cpu(device: &CudaDevice, figures: &mut Vec<Figure>) -> Result<()> {
-        let dir = std::path::Path::new("fixtures/qwen2-small");
         let tok = Tokenizer::from_path(std::path::Path::new("assets/qwen"))?;
+        let tiny = ModelConfig::preset("tiny")?;
         let prompts: Vec<Vec<u32>> = vec![vec![5, 17, 3, 42, 8], vec![11, 2, 90, 33]];
         let config = GenerateConfig { max_new_tokens: 32, sampling: SamplingConfig::greedy(), ..GenerateConfig::default() };
         let requests: Vec<Request> = prompts.into_iter().map(|p| Request::new(p, Constraint::None)).collect();
-        let cpu = CausalLm::<CpuBackend>::from_pretrained(dir, &Default::default())?;
-        let gpu = CausalLm::<CudaBackend>::from_pretrained(dir, device)?;
+        let cpu = CausalLm::<CpuBackend>::random(&tiny, 0, &Default::default())?;
+        let gpu = CausalLm::<CudaBackend>::random(&tiny, 0, device)?;
         let (a, _) = Generator::for_model(&tok, &cpu)?.generate(&cpu, &requests, &config)?;
         let (b, _) = Generator::for_model(&tok, &gpu)?.generate(&gpu, &requests, &config)?;
         let (same, total) = a.iter().zip(&b).fold((0usize, 0usize), |(s, n), (x, y)| {
@@ -160,7 +191,7 @@ fn gpu_memory_mib(index: usize) -> f64 {
             let rate = crate::bench::decode_rate(&model, batch, steps)?;
             fig(&format!("decode batch {batch}"), rate, "tokens/s");
             if batch == 1 {
-                let bound = HBM_BYTES_PER_SEC / (params * bytes_per_param);
+                let bound = hbm_bytes_per_sec(index) / (params * bytes_per_param);
                 fig("decode batch 1 HBM bound", bound, "tokens/s");
                 fig("decode batch 1 share of HBM bound", 100.0 * rate / bound, "%");
             }

@@ -218,7 +218,7 @@ fn deinterleave_rotary_rows(values: &[f32], heads: usize, d: usize, row: usize) 
 pub fn import_gguf(gguf: &GgufFile, out: &Path, dtype: StorageDtype) -> Result<ModelConfig> {
     let config = ModelConfig::from_gguf(gguf)?;
     let tokenizer = GgufTokenizer::from_gguf(gguf)?;
-    std::fs::create_dir_all(out).map_err(|e| ModelError::io(out, e))?;
+    std::fs::create_dir_all(out).map_err(|e| ModelError::write(out, e))?;
     let mut source = GgufSource::new(gguf, &config);
     write_safetensors_streamed(out, &hf_layout(&config), &mut source, dtype)?;
     let saved = ModelConfig { dtype, ..config.clone() };

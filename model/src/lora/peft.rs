@@ -132,7 +132,7 @@ impl<B: Backend> CausalLm<B> {
             .lora
             .as_ref()
             .ok_or_else(|| ModelError::Input("the model has no LoRA adapters to save".into()))?;
-        std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+        std::fs::create_dir_all(dir).map_err(|e| ModelError::write(dir, e))?;
         let mut blobs: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
         for (layer, target, p) in self.projections() {
             let Some(lora) = &p.lora else { continue };

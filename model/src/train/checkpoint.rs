@@ -67,29 +67,29 @@ impl Checkpoints {
     /// Writes a checkpoint for `step`: `fill` writes the files into a temporary directory,
     /// which is then renamed into place; older checkpoints beyond `keep_last` are removed.
     pub fn save(&self, step: u64, fill: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
-        std::fs::create_dir_all(&self.root).map_err(|e| ModelError::io(&self.root, e))?;
+        std::fs::create_dir_all(&self.root).map_err(|e| ModelError::write(&self.root, e))?;
         let tmp = self.root.join(format!(".step-{step:08}.tmp"));
         if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
+            std::fs::remove_dir_all(&tmp).map_err(|e| ModelError::write(&tmp, e))?;
         }
-        std::fs::create_dir_all(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
+        std::fs::create_dir_all(&tmp).map_err(|e| ModelError::write(&tmp, e))?;
         fill(&tmp)?;
         let dest = self.dir_for(step);
         if dest.exists() {
             // Re-saving a step (a resumed run): move the old one aside first, drop it after.
             let old = self.root.join(format!(".step-{step:08}.old"));
             let _ = std::fs::remove_dir_all(&old);
-            std::fs::rename(&dest, &old).map_err(|e| ModelError::io(&dest, e))?;
-            std::fs::rename(&tmp, &dest).map_err(|e| ModelError::io(&dest, e))?;
+            std::fs::rename(&dest, &old).map_err(|e| ModelError::write(&dest, e))?;
+            std::fs::rename(&tmp, &dest).map_err(|e| ModelError::write(&dest, e))?;
             let _ = std::fs::remove_dir_all(&old);
         } else {
-            std::fs::rename(&tmp, &dest).map_err(|e| ModelError::io(&dest, e))?;
+            std::fs::rename(&tmp, &dest).map_err(|e| ModelError::write(&dest, e))?;
         }
         if self.keep_last > 0 {
             let all = self.list()?;
             let excess = all.len().saturating_sub(self.keep_last);
             for (_, dir) in all.into_iter().take(excess) {
-                std::fs::remove_dir_all(&dir).map_err(|e| ModelError::io(&dir, e))?;
+                std::fs::remove_dir_all(&dir).map_err(|e| ModelError::write(&dir, e))?;
             }
         }
         Ok(dest)

@@ -42,15 +42,19 @@ mod cuda {
 
     use crate::bench::{BenchArgs, Figure};
 
+/// One field of `nvidia-smi --query-gpu` for device `index` (`None`: no nvidia-smi, or no answer).
+fn nvidia_smi(field: &str, index: usize) -> Option<String> {
+    let out = std::process::Command::new("nvidia-smi")
+        .args([&format!("--query-gpu={field}"), "--format=csv,noheader,nounits", "-i", &index.to_string()])
+        .output()
+        .ok()?;
+    Some(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
 /// HBM bandwidth in bytes/s (the batch-1 decode bound: every weight read per token): the H200's
 /// HBM3e when nvidia-smi names that card, else the H100 SXM's HBM3.
 fn hbm_bytes_per_sec(index: usize) -> f64 {
-    let name = std::process::Command::new("nvidia-smi")
-        .args(["--query-gpu=name", "--format=csv,noheader", "-i", &index.to_string()])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default();
-    if name.contains("H200") { 4.8e12 } else { 3.35e12 }
+    if nvidia_smi("name", index).is_some_and(|n| n.contains("H200")) { 4.8e12 } else { 3.35e12 }
 }
 /// Dense bf16 tensor-core peak of the H100 SXM and the H200 alike, FLOP/s (the MFU denominator).
 const PEAK_BF16_FLOPS: f64 = 989e12;
@@ -58,14 +62,8 @@ const PEAK_BF16_FLOPS: f64 = 989e12;
 /// GPU memory in use (MiB) as nvidia-smi reports it. burn's pool keeps what it allocated,
 /// so after a measurement this is close to the measurement's peak.
 fn gpu_memory_mib(index: usize) -> f64 {
-    std::process::Command::new("nvidia-smi")
-        .args(["--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", &index.to_string()])
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse::<f64>().ok())
-        .unwrap_or(f64::NAN)
+    nvidia_smi("memory.used", index).and_then(|v| v.parse::<f64>().ok()).unwrap_or(f64::NAN)
 }
-
 
     /// One part of the suite: appends its figures.
     type Part<'a> = dyn Fn(&mut Vec<Figure>) -> Result<()> + 'a;

@@ -289,7 +289,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("p.toml");
         std::fs::write(&path, "[sft]\nepochs = 7\n[grpo.optimizer]\nbeta2 = 0.95\n").unwrap();
-        let file = crate::pipeline::read_config(&path).unwrap();
+        let file = crate::train_common::read_config::<PipelineFile>(&path).unwrap();
         let default = PipelineFile::default();
         assert_eq!(file.sft.epochs, 7);
         assert_eq!(file.sft.lr, default.sft.lr, "an unset field keeps the embedded value");
@@ -297,7 +297,7 @@ mod tests {
         assert_eq!(file.grpo.optimizer.weight_decay, default.grpo.optimizer.weight_decay);
         assert_eq!(file.grpo.max_steps, default.grpo.max_steps);
         std::fs::write(&path, "[sft]\nepochs = 7\nepoch = 2\n").unwrap();
-        let err = crate::pipeline::read_config(&path).unwrap_err().to_string();
+        let err = crate::train_common::read_config::<PipelineFile>(&path).unwrap_err().to_string();
         assert!(err.contains("epoch") && err.contains("p.toml"), "{err}");
     }
 }

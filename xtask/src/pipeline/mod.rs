@@ -55,7 +55,7 @@ struct Outcome {
 
 pub fn pipeline(args: PipelineArgs) -> Result<()> {
     let mut file = match &args.config {
-        Some(p) => read_config(p)?,
+        Some(p) => crate::train_common::read_config(p)?,
         None => PipelineFile::default(),
     };
     if let Some(out) = &args.out {
@@ -120,11 +120,6 @@ pub fn pipeline(args: PipelineArgs) -> Result<()> {
     print_summary(&file, &outcomes, started.elapsed().as_secs_f64());
     tracing::info!(secs = started.elapsed().as_secs_f64(), "pipeline finished");
     Ok(())
-}
-
-/// Reads a pipeline config as changes to the embedded defaults.
-fn read_config(path: &Path) -> Result<PipelineFile> {
-    crate::train_common::read_config(path)
 }
 
 /// Everything that can be checked before any work: stage names, hyper-parameters, the

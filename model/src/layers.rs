@@ -38,10 +38,18 @@ impl<B: Backend> RmsNorm<B> {
 
 /// `x · W (+ b)` for `[batch, seq, in]` as one 2-D GEMM. Passing the 3-D tensor makes CPU
 /// backends run a batched matmul against the broadcast weight — one pass over the weight per
-/// sequence, which halved batched decode throughput.
+/// sequence, which halved batched decode throughput. A decode step's few rows go to the CPU
+/// kernel where it applies ([`crate::cpu_kernels::matmul_few_rows`]).
 pub fn project<B: Backend>(linear: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
     let [b, s, d] = x.dims();
-    let y = linear.forward(x.reshape([b * s, d]));
+    let x = x.reshape([b * s, d]);
+    let y = match crate::cpu_kernels::matmul_few_rows(&x, &linear.weight.val()) {
+        Some(y) => match &linear.bias {
+            Some(bias) => y + bias.val().unsqueeze::<2>(),
+            None => y,
+        },
+        None => linear.forward(x),
+    };
     let out = y.dims()[1];
     y.reshape([b, s, out])
 }
@@ -143,7 +151,9 @@ impl<B: Backend> LayerKv<B> {
             (Some(_), Some((pk, pv))) => cache.blocks.push((Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2))),
             (_, last) => {
                 cache.blocks.extend(last);
-                cache.blocks.push((k, v));
+                // A prefill's keys are a view of the projection ([b, s, kv, d] swapped);
+                // the CPU kernel reads a row-major block faster on every later step.
+                cache.blocks.push((crate::cpu_kernels::contiguous(k), crate::cpu_kernels::contiguous(v)));
             }
         }
         cache.len += s;
@@ -151,8 +161,9 @@ impl<B: Backend> LayerKv<B> {
     }
 }
 
-/// Up to this many new positions per sequence, attention over a cache reads the grouped KV
-/// heads directly ([`grouped_attention`]); longer runs (prefills) use the fused kernel.
+/// Inference attention goes to the CPU kernel ([`crate::cpu_kernels::attention`]) where it
+/// applies; elsewhere, over a cache, up to this many new positions per sequence read the grouped KV
+/// heads directly ([`grouped_attention`]) and longer runs (prefills) use the fused kernel.
 const GROUPED_MAX_QUERIES: usize = 32;
 
 /// Grouped-query self-attention with optional q/k/v biases.
@@ -191,13 +202,22 @@ impl<B: Backend> Attention<B> {
         let (k, v) = match cache {
             Some(slot) => {
                 let cache = LayerKv::append(slot, k, v);
-                if s <= GROUPED_MAX_QUERIES {
-                    let out = grouped_attention(q, &cache.blocks, cache.len, mask);
+                let out = match crate::cpu_kernels::attention(&q, &cache.blocks, cache.len, mask) {
+                    Some(out) => Some(out),
+                    None if s <= GROUPED_MAX_QUERIES => Some(grouped_attention(q.clone(), &cache.blocks, cache.len, mask)),
+                    None => None,
+                };
+                if let Some(out) = out {
                     return self.o_proj.forward(out.swap_dims(1, 2).reshape([b, s, h * d]));
                 }
                 cache.filled()
             }
-            None => (k, v),
+            None => {
+                if let Some(out) = crate::cpu_kernels::attention(&q, &[(k.clone(), v.clone())], s, mask) {
+                    return self.o_proj.forward(out.swap_dims(1, 2).reshape([b, s, h * d]));
+                }
+                (k, v)
+            }
         };
         let keys = k.dims()[2];
         let k = repeat_kv(k, h / kv);
@@ -293,5 +313,57 @@ impl<B: Backend> DecoderLayer<B> {
         let x = x + attn;
         let mlp = self.mlp.forward(self.post_attention_layernorm.forward(x.clone()));
         x + mlp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{Distribution, TensorData};
+
+    type B = crate::CpuBackend;
+
+    /// The CPU decode kernel against the burn-op path it replaces: a first block that is a
+    /// strided view (as a prefill leaves it), a contiguous second block, GQA, with a padding
+    /// mask and without one (the causal rule for several new queries).
+    #[test]
+    fn attention_kernel_equals_grouped_attention() {
+        let device = Default::default();
+        let (b, h, kv, d) = (3, 6, 2, 32);
+        let normal = Distribution::Normal(0.0, 1.0);
+        let block = |n: usize, strided: bool| {
+            let make = || {
+                if strided {
+                    Tensor::<B, 4>::random([b, n, kv, d], normal, &device).swap_dims(1, 2)
+                } else {
+                    Tensor::<B, 4>::random([b, kv, n, d], normal, &device)
+                }
+            };
+            (make(), make())
+        };
+        let blocks = vec![block(5, true), block(7, false), block(40, true)];
+        let keys = 52;
+        // 40 new queries: a prefill, cut into two runs of queries.
+        for s in [1, 3, 40] {
+            let q = Tensor::<B, 4>::random([b, h, s, d], normal, &device);
+            // Sequence 1 has two pad keys at the front; every query sees itself.
+            let blocked: Vec<bool> = (0..b * s * keys)
+                .map(|i| {
+                    let (bi, t, p) = (i / (s * keys), i / keys % s, i % keys);
+                    (bi == 1 && p < 2) || p > keys - s + t
+                })
+                .collect();
+            let mask = Tensor::<B, 4, Bool>::from_data(TensorData::new(blocked, [b, 1, s, keys]), &device);
+            for mask in [None, Some(&mask)] {
+                let expected = grouped_attention(q.clone(), &blocks, keys, mask);
+                match crate::cpu_kernels::attention(&q, &blocks, keys, mask) {
+                    Some(out) => {
+                        let diff: f32 = (out - expected).abs().max().into_scalar();
+                        assert!(diff < 1e-5, "s {s}, mask {}: max |Δ| {diff}", mask.is_some());
+                    }
+                    None => assert!(!crate::cpu_kernels::available(), "the kernel declined on a CPU with AVX-512F"),
+                }
+            }
+        }
     }
 }

@@ -36,6 +36,7 @@ mod config;
 mod device;
 mod error;
 pub mod gguf;
+mod cpu_kernels;
 mod layers;
 mod lean_attention;
 mod lean_mlp;

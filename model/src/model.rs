@@ -487,12 +487,18 @@ impl<B: Backend> CausalLm<B> {
         match &self.lm_head {
             Some(head) => project(head, hidden),
             None => {
+                // A decode step's rows: the CPU kernel reads E's rows in place. Otherwise
                 // `(E · hᵀ)ᵀ`, not `h · Eᵀ`: CPU matmul on a transposed view of the
                 // [vocab, hidden] matrix copies it first (16× slower measured on Flex);
                 // transposing the small operand instead costs nothing.
                 let [b, s, h] = hidden.dims();
-                let flat = hidden.reshape([b * s, h]).transpose();
-                let logits = self.embed_tokens.weight.val().matmul(flat).transpose();
+                let embed = self.embed_tokens.weight.val();
+                let flat = hidden.reshape([b * s, h]);
+                if let Some(logits) = crate::cpu_kernels::matmul_few_rows(&flat, &embed.clone().transpose()) {
+                    return logits.reshape([b, s, self.config.vocab_size]);
+                }
+                let flat = flat.transpose();
+                let logits = embed.matmul(flat).transpose();
                 logits.reshape([b, s, self.config.vocab_size])
             }
         }

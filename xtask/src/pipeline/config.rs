@@ -149,7 +149,7 @@ pub struct EvalSection {
 
 impl Default for PipelineFile {
     /// The embedded CPU run: LoRA on the committed SmolLM2-135M-Instruct (its own tokenizer
-    /// and chat template), sized by measurement for 2 cores: it took 42 minutes, evaluation
+    /// and chat template), sized by measurement for 2 cores: it took 33 minutes, evaluation
     /// most of it (README), against a 20-minute goal.
     fn default() -> Self {
         Self {

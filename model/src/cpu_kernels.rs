@@ -1,0 +1,62 @@
+//! Inference kernels for the CPU backend: projections and the vocabulary head for up to
+//! [`MAX_ROWS`] rows (a decode step), and grouped-query attention for inference (decode steps
+//! over the KV cache, and prefills).
+//!
+//! A decode step multiplies one row per sequence by every weight of the model and reads every
+//! cached key and value once: it is bound by memory traffic, not arithmetic (SmolLM2-135M:
+//! 540 MB of f32 weights per step; a batch of 16 at 600 tokens of context adds 440 MB of
+//! cache). burn-flex's GEMM packs its operands and runs products under 192³ multiply-adds on
+//! one thread; on 2 cores it read decode-shaped weights at 4–6 GB/s, and its batched small
+//! matmuls over cache blocks were the larger half of a step at 600 tokens. These kernels
+//! stream each weight and each cache block once, on every core, with AVX-512. In a prefill,
+//! the attention kernel also spares the copies of burn's path (KV heads repeated to the
+//! query heads, the mask expanded to every head).
+//!
+//! Recognised at run time as [`crate::lean_mlp`] is: only the plain CPU backend (no autodiff)
+//! on f32 tensors, with AVX-512F, takes these paths. Every function returns `None` when it
+//! does not apply and the caller runs burn's ops, so other backends, dtypes and CPUs, and
+//! training, are unchanged.
+
+/// Largest row count (batch × new positions) a projection sends here; more rows (a prefill)
+/// reuse each weight enough for burn's packed GEMM to pay off.
+pub(crate) const MAX_ROWS: usize = 32;
+
+#[cfg(all(feature = "flex", target_arch = "x86_64"))]
+mod imp;
+
+#[cfg(all(feature = "flex", target_arch = "x86_64"))]
+pub(crate) use imp::{attention, contiguous, matmul_few_rows};
+
+#[cfg(test)]
+pub(crate) use imp::available;
+
+#[cfg(not(all(feature = "flex", target_arch = "x86_64")))]
+mod imp {
+    use burn::tensor::backend::Backend;
+    use burn::tensor::{Bool, Tensor};
+
+    #[cfg(test)]
+    pub(crate) fn available() -> bool {
+        false
+    }
+
+    pub(crate) fn matmul_few_rows<B: Backend>(_: &Tensor<B, 2>, _: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
+        None
+    }
+
+    pub(crate) fn contiguous<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, D> {
+        t
+    }
+
+    pub(crate) fn attention<B: Backend>(
+        _: &Tensor<B, 4>,
+        _: &[(Tensor<B, 4>, Tensor<B, 4>)],
+        _: usize,
+        _: Option<&Tensor<B, 4, Bool>>,
+    ) -> Option<Tensor<B, 4>> {
+        None
+    }
+}
+
+#[cfg(not(all(feature = "flex", target_arch = "x86_64")))]
+pub(crate) use imp::{attention, contiguous, matmul_few_rows};

@@ -1,0 +1,458 @@
+//! The Flex/x86-64 implementation of [`super`]: tensor access by downcast, the AVX-512
+//! kernels, and their split over rayon's threads.
+
+use std::any::{Any, TypeId};
+use std::arch::x86_64::*;
+use std::sync::OnceLock;
+
+use burn::tensor::backend::{Backend, BackendTypes};
+use burn::tensor::{Bool, DType, Tensor, TensorData, TensorPrimitive};
+use burn_flex::FlexTensor;
+use rayon::prelude::*;
+
+use super::MAX_ROWS;
+
+/// Whether this CPU runs the kernels (AVX-512F; checked once).
+pub(crate) fn available() -> bool {
+    static AVX512: OnceLock<bool> = OnceLock::new();
+    *AVX512.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f"))
+}
+
+/// The Flex tensor behind `t` when `B` is the plain CPU backend and `t` is f32.
+fn flex<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Option<FlexTensor> {
+    if TypeId::of::<B>() != TypeId::of::<crate::CpuBackend>() || !available() {
+        return None;
+    }
+    let primitive = t.clone().into_primitive().tensor();
+    let f = (&primitive as &dyn Any).downcast_ref::<FlexTensor>()?;
+    (f.dtype() == DType::F32).then(|| f.clone())
+}
+
+fn flex_bool<B: Backend, const D: usize>(t: &Tensor<B, D, Bool>) -> Option<FlexTensor> {
+    let primitive = t.clone().into_primitive();
+    (&primitive as &dyn Any).downcast_ref::<FlexTensor>().cloned()
+}
+
+fn tensor_of<B: Backend, const D: usize>(values: Vec<f32>, shape: [usize; D]) -> Option<Tensor<B, D>> {
+    let t = FlexTensor::from_data(TensorData::new(values, shape));
+    let p = (Box::new(t) as Box<dyn Any>).downcast::<<B as BackendTypes>::FloatTensorPrimitive>().ok()?;
+    Some(Tensor::from_primitive(TensorPrimitive::Float(*p)))
+}
+
+/// `t` laid out row-major, when the kernels run here (a view otherwise reads a strided
+/// block of the cache on every decode step); `t` itself everywhere else.
+pub(crate) fn contiguous<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, D> {
+    match flex(&t) {
+        Some(f) if !f.is_contiguous() => {
+            let shape = t.dims();
+            let f = f.to_contiguous();
+            match (Box::new(f) as Box<dyn Any>).downcast::<<B as BackendTypes>::FloatTensorPrimitive>() {
+                Ok(p) => Tensor::from_primitive(TensorPrimitive::Float(*p)),
+                Err(_) => {
+                    debug_assert!(false, "a Flex tensor of {shape:?} did not downcast back");
+                    t
+                }
+            }
+        }
+        _ => t,
+    }
+}
+
+/// A raw output pointer that disjoint tasks write through.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: every task writes its own, disjoint elements, and the buffer outlives the tasks.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+impl Out {
+    /// The element `i` places on (a method, so closures capture the whole `Out`).
+    fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
+/// `x · w` for `x` `[m, k]` with m ≤ [`MAX_ROWS`] and `w` `[k, n]`, stored row-major or as the
+/// transposed view of a row-major `[n, k]` (a tied embedding). `None` where it does not apply.
+pub(crate) fn matmul_few_rows<B: Backend>(x: &Tensor<B, 2>, w: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
+    let [m, k] = x.dims();
+    let [k2, n] = w.dims();
+    if m == 0 || m > MAX_ROWS || k != k2 || k == 0 || n == 0 {
+        return None;
+    }
+    let wf = flex(w)?;
+    let xf = flex(x)?.to_contiguous();
+    let xs = xf.as_slice::<f32>()?;
+    let mut y = vec![0f32; m * n];
+    if let Some(ws) = wf.as_slice::<f32>() {
+        xw(xs, ws, m, k, n, &mut y);
+    } else {
+        // The transposed view of a row-major [n, k]: strides (1, k).
+        let layout = wf.layout();
+        if layout.strides() != [1, k as isize] {
+            return None;
+        }
+        let start = layout.start_offset();
+        let ws = wf.storage::<f32>().get(start..start + n * k)?;
+        xwt(xs, ws, m, k, n, &mut y);
+    }
+    tensor_of(y, [m, n])
+}
+
+/// Column tiles of 64 (four 16-lane vectors) and row blocks of 4: 16 accumulators.
+const TILE_COLS: usize = 64;
+const ROW_BLOCK: usize = 4;
+
+fn xw(x: &[f32], w: &[f32], m: usize, k: usize, n: usize, y: &mut [f32]) {
+    let tiles = n.div_ceil(TILE_COLS);
+    let out = Out(y.as_mut_ptr());
+    let per_task = tiles.div_ceil(4 * rayon::current_num_threads()).max(1);
+    (0..tiles).into_par_iter().with_min_len(per_task).for_each(|tile| {
+        let j = tile * TILE_COLS;
+        let cols = TILE_COLS.min(n - j);
+        for r0 in (0..m).step_by(ROW_BLOCK) {
+            let rows = ROW_BLOCK.min(m - r0);
+            // SAFETY: AVX-512F was detected (`flex` checks it); x is [m, k], w is [k, n] and
+            // y is [m, n]; this task alone writes rows r0.., columns j..j + cols of y.
+            unsafe {
+                let (xp, yp) = (x.as_ptr().add(r0 * k), out.at(r0 * n + j));
+                match rows {
+                    1 => xw_tile::<1>(xp, k, w.as_ptr().add(j), n, cols, yp),
+                    2 => xw_tile::<2>(xp, k, w.as_ptr().add(j), n, cols, yp),
+                    3 => xw_tile::<3>(xp, k, w.as_ptr().add(j), n, cols, yp),
+                    _ => xw_tile::<4>(xp, k, w.as_ptr().add(j), n, cols, yp),
+                }
+            }
+        }
+    });
+}
+
+/// Lane mask for the `c`-th 16-lane vector of a tile `cols` wide.
+#[inline]
+fn lanes(cols: usize, c: usize) -> __mmask16 {
+    let left = cols.saturating_sub(c * 16).min(16);
+    if left == 16 {
+        0xffff
+    } else {
+        ((1u32 << left) - 1) as __mmask16
+    }
+}
+
+/// `R` rows of `x` (row stride `k`) times a `[k, cols ≤ 64]` panel of `w` (row stride `n`)
+/// into `R` rows of `y` (row stride `n`).
+#[target_feature(enable = "avx512f")]
+unsafe fn xw_tile<const R: usize>(x: *const f32, k: usize, w: *const f32, n: usize, cols: usize, y: *mut f32) {
+    let masks = [lanes(cols, 0), lanes(cols, 1), lanes(cols, 2), lanes(cols, 3)];
+    let mut acc = [[_mm512_setzero_ps(); 4]; R];
+    for kk in 0..k {
+        let row = w.add(kk * n);
+        let wv = [
+            _mm512_maskz_loadu_ps(masks[0], row),
+            _mm512_maskz_loadu_ps(masks[1], row.add(16)),
+            _mm512_maskz_loadu_ps(masks[2], row.add(32)),
+            _mm512_maskz_loadu_ps(masks[3], row.add(48)),
+        ];
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let xv = _mm512_set1_ps(*x.add(r * k + kk));
+            for c in 0..4 {
+                acc[c] = _mm512_fmadd_ps(xv, wv[c], acc[c]);
+            }
+        }
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        for c in 0..4 {
+            _mm512_mask_storeu_ps(y.add(r * n + c * 16), masks[c], acc[c]);
+        }
+    }
+}
+
+/// Rows of `wt` per tile of the transposed product: with 4 rows of x, 16 accumulators.
+const TILE_ROWS_T: usize = 4;
+
+fn xwt(x: &[f32], wt: &[f32], m: usize, k: usize, n: usize, y: &mut [f32]) {
+    let tiles = n.div_ceil(TILE_ROWS_T);
+    let out = Out(y.as_mut_ptr());
+    let per_task = tiles.div_ceil(4 * rayon::current_num_threads()).max(1);
+    (0..tiles).into_par_iter().with_min_len(per_task).for_each(|tile| {
+        let j = tile * TILE_ROWS_T;
+        let cols = TILE_ROWS_T.min(n - j);
+        for r0 in (0..m).step_by(ROW_BLOCK) {
+            let rows = ROW_BLOCK.min(m - r0);
+            // SAFETY: as in `xw`; wt is [n, k], and this task alone writes columns j..j + cols.
+            unsafe {
+                let (xp, wp, yp) = (x.as_ptr().add(r0 * k), wt.as_ptr().add(j * k), out.at(r0 * n + j));
+                match rows {
+                    1 => xwt_tile::<1>(xp, k, wp, cols, n, yp),
+                    2 => xwt_tile::<2>(xp, k, wp, cols, n, yp),
+                    3 => xwt_tile::<3>(xp, k, wp, cols, n, yp),
+                    _ => xwt_tile::<4>(xp, k, wp, cols, n, yp),
+                }
+            }
+        }
+    });
+}
+
+/// `y[r, c] = x[r, :] · wt[c, :]` for `R` rows of x and `cols ≤ 4` rows of wt (both of
+/// length `k`), into `y` (row stride `n`).
+#[target_feature(enable = "avx512f")]
+unsafe fn xwt_tile<const R: usize>(x: *const f32, k: usize, wt: *const f32, cols: usize, n: usize, y: *mut f32) {
+    let mut acc = [[_mm512_setzero_ps(); TILE_ROWS_T]; R];
+    let mut kk = 0;
+    while kk < k {
+        let mask = lanes(k - kk, 0);
+        let mut wv = [_mm512_setzero_ps(); TILE_ROWS_T];
+        for (c, v) in wv.iter_mut().enumerate().take(cols) {
+            *v = _mm512_maskz_loadu_ps(mask, wt.add(c * k + kk));
+        }
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let xv = _mm512_maskz_loadu_ps(mask, x.add(r * k + kk));
+            for c in 0..TILE_ROWS_T {
+                acc[c] = _mm512_fmadd_ps(xv, wv[c], acc[c]);
+            }
+        }
+        kk += 16;
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        for (c, &a) in acc.iter().enumerate().take(cols) {
+            *y.add(r * n + c) = _mm512_reduce_add_ps(a);
+        }
+    }
+}
+
+/// A strided `[d0, d1, d2, d3]` f32 view whose last dimension is contiguous.
+struct View<'a> {
+    data: &'a [f32],
+    start: usize,
+    strides: [usize; 3],
+    dims: [usize; 4],
+}
+
+impl<'a> View<'a> {
+    fn of(t: &'a FlexTensor) -> Option<Self> {
+        let layout = t.layout();
+        let s = layout.strides();
+        let dims: [usize; 4] = layout.shape().to_vec().try_into().ok()?;
+        if s.len() != 4 || s[3] != 1 || s[..3].iter().any(|&v| v < 0) {
+            return None;
+        }
+        let strides = [s[0] as usize, s[1] as usize, s[2] as usize];
+        let start = layout.start_offset();
+        // Every element must lie inside the storage.
+        let last = start + (0..3).map(|i| strides[i] * dims[i].saturating_sub(1)).sum::<usize>() + dims[3];
+        let data = t.storage::<f32>();
+        (last <= data.len()).then_some(Self { data, start, strides, dims })
+    }
+
+    /// The contiguous last-dimension row at `(a, b, c)`.
+    fn row(&self, a: usize, b: usize, c: usize) -> &'a [f32] {
+        let at = self.start + a * self.strides[0] + b * self.strides[1] + c * self.strides[2];
+        &self.data[at..at + self.dims[3]]
+    }
+}
+
+/// Attention of `q` `[b, h, s, d]` (s new queries per sequence) over blocks of `[b, kv, n, d]`
+/// keys and values, `keys` in all (the cache and the new positions; one block without a
+/// cache): the same result as `grouped_attention` (mask `[b, 1, s, keys]`, `true` = blocked;
+/// without one the queries are the last `s` positions, causal). Each task is one (sequence,
+/// KV head, run of queries) and reads each key and value row once for all the query heads
+/// that share it. `None` where it does not apply.
+pub(crate) fn attention<B: Backend>(
+    q: &Tensor<B, 4>,
+    blocks: &[(Tensor<B, 4>, Tensor<B, 4>)],
+    keys: usize,
+    mask: Option<&Tensor<B, 4, Bool>>,
+) -> Option<Tensor<B, 4>> {
+    let [b, h, s, d] = q.dims();
+    let qf = flex(q)?;
+    let kv_of = |t: &Tensor<B, 4>| flex(t);
+    let kvs: Vec<(FlexTensor, FlexTensor)> = blocks.iter().map(|(k, v)| Some((kv_of(k)?, kv_of(v)?))).collect::<Option<_>>()?;
+    let first = kvs.first()?;
+    let kv = first.0.layout().shape()[1];
+    if d % 16 != 0 || d > MAX_HEAD_DIM || kv == 0 || h % kv != 0 || h / kv > MAX_REP {
+        return None;
+    }
+    let qv = View::of(&qf)?;
+    let views: Vec<(View, View)> = kvs.iter().map(|(k, v)| Some((View::of(k)?, View::of(v)?))).collect::<Option<_>>()?;
+    let total: usize = views.iter().map(|(k, _)| k.dims[2]).sum();
+    if total != keys || views.iter().any(|(k, v)| k.dims[..2] != [b, kv] || v.dims != k.dims || k.dims[3] != d) {
+        return None;
+    }
+    let mask_f = match mask {
+        Some(m) => {
+            let f = flex_bool(m)?.to_contiguous();
+            if f.layout().shape().to_vec() != [b, 1, s, keys] {
+                return None;
+            }
+            Some(f)
+        }
+        None => None,
+    };
+    let blocked: Option<&[u8]> = match &mask_f {
+        Some(f) => {
+            let start = f.layout().start_offset();
+            Some(f.storage::<u8>().get(start..start + b * s * keys)?)
+        }
+        None => None,
+    };
+    let rep = h / kv;
+    let scale = 1.0 / (d as f32).sqrt();
+    let mut out = vec![0f32; b * h * s * d];
+    // Tasks: (sequence, KV head, run of queries). A prefill has hundreds of queries per
+    // sequence; cutting them into runs keeps every core busy when there are few sequences.
+    let runs = s.div_ceil(QUERY_RUN);
+    let dst = Out(out.as_mut_ptr());
+    (0..b * kv * runs).into_par_iter().for_each(|task| {
+        let (bi, g, run) = (task / (kv * runs), task / runs % kv, task % runs);
+        let mut scores = vec![0f32; rep * keys];
+        // Rows of head g·rep + r for this sequence start at ((bi·h + g·rep + r)·s)·d.
+        let base = (bi * h + g * rep) * s * d;
+        for t in run * QUERY_RUN..((run + 1) * QUERY_RUN).min(s) {
+            let queries: Vec<&[f32]> = (0..rep).map(|r| qv.row(bi, g * rep + r, t)).collect();
+            let blocked_row: Option<&[u8]> = blocked.map(|m| &m[(bi * s + t) * keys..(bi * s + t + 1) * keys]);
+            // Without a mask the new positions are the last `s`, causal: later keys are blocked.
+            let visible = if blocked_row.is_some() { keys } else { keys - s + t + 1 };
+            // SAFETY: AVX-512F was detected; every row is `d` long, d % 16 == 0, d ≤ MAX_HEAD_DIM;
+            // this task alone writes rows (r·s + t) from `base`, inside `out`.
+            unsafe { attend(&queries, &views, bi, g, blocked_row, visible, scale, &mut scores, dst.at(base), s, t) };
+        }
+    });
+    tensor_of(out, [b, h, s, d])
+}
+
+/// Queries of one sequence per attention task.
+const QUERY_RUN: usize = 32;
+
+/// Head sizes up to this take the attention kernel (its accumulator lives on the stack).
+const MAX_HEAD_DIM: usize = 256;
+
+/// One query position `t` of one (sequence `bi`, KV head `g`): the scores of its `rep` query
+/// heads against each key read once, softmax, then each value row read once for all heads.
+/// Outputs go to rows `r * s + t` of `out` (`[rep, s, d]`).
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn attend(
+    queries: &[&[f32]],
+    views: &[(View, View)],
+    bi: usize,
+    g: usize,
+    blocked: Option<&[u8]>,
+    visible: usize,
+    scale: f32,
+    scores: &mut [f32],
+    out: *mut f32,
+    s: usize,
+    t: usize,
+) {
+    let rep = queries.len();
+    let d = queries[0].len();
+    let keys = scores.len() / rep;
+    let mut p = 0;
+    for (kb, _) in views {
+        for pos in 0..kb.dims[2] {
+            let krow = kb.row(bi, g, pos).as_ptr();
+            let open = p < visible && blocked.is_none_or(|m| m[p] == 0);
+            for (r, q) in queries.iter().enumerate() {
+                scores[r * keys + p] = if open {
+                    let mut acc = _mm512_setzero_ps();
+                    for c in (0..d).step_by(16) {
+                        acc = _mm512_fmadd_ps(_mm512_loadu_ps(q.as_ptr().add(c)), _mm512_loadu_ps(krow.add(c)), acc);
+                    }
+                    _mm512_reduce_add_ps(acc) * scale
+                } else {
+                    f32::NEG_INFINITY
+                };
+            }
+            p += 1;
+        }
+    }
+    for r in 0..rep {
+        softmax_in_place(&mut scores[r * keys..(r + 1) * keys]);
+    }
+    let mut acc = [_mm512_setzero_ps(); MAX_HEAD_DIM / 16 * MAX_REP];
+    let lanes = d / 16;
+    let mut p = 0;
+    for (_, vb) in views {
+        for pos in 0..vb.dims[2] {
+            let vrow = vb.row(bi, g, pos).as_ptr();
+            for r in 0..rep {
+                let w = scores[r * keys + p];
+                if w != 0.0 {
+                    let wv = _mm512_set1_ps(w);
+                    for c in 0..lanes {
+                        acc[r * lanes + c] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(vrow.add(c * 16)), acc[r * lanes + c]);
+                    }
+                }
+            }
+            p += 1;
+        }
+    }
+    for r in 0..rep {
+        let row = out.add((r * s + t) * d);
+        for c in 0..lanes {
+            _mm512_storeu_ps(row.add(c * 16), acc[r * lanes + c]);
+        }
+    }
+}
+
+/// Query heads per KV head the attention kernel takes (GQA groups; the accumulators of all
+/// of them live on the stack).
+const MAX_REP: usize = 8;
+
+/// Softmax of a row that has at least one finite score (every query sees itself).
+fn softmax_in_place(scores: &mut [f32]) {
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for x in scores.iter_mut() {
+        *x = (*x - max).exp();
+        sum += *x;
+    }
+    let inv = 1.0 / sum;
+    for x in scores.iter_mut() {
+        *x *= inv;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Distribution;
+
+    type B = crate::CpuBackend;
+
+    fn max_diff(a: Tensor<B, 2>, b: Tensor<B, 2>) -> f32 {
+        (a - b).abs().max().into_scalar()
+    }
+
+    /// Row counts across the 4-row blocks, and widths off the 64-column and 16-lane grids.
+    #[test]
+    fn few_row_products_equal_burns_matmul() {
+        let device = Default::default();
+        for (m, k, n) in [(1, 40, 70), (3, 16, 64), (4, 576, 192), (5, 33, 129), (16, 64, 1), (MAX_ROWS, 24, 200)] {
+            let x = Tensor::<B, 2>::random([m, k], Distribution::Normal(0.0, 1.0), &device);
+            let w = Tensor::<B, 2>::random([k, n], Distribution::Normal(0.0, 1.0), &device);
+            let wt = Tensor::<B, 2>::random([n, k], Distribution::Normal(0.0, 1.0), &device);
+            let expected = x.clone().matmul(w.clone());
+            let expected_t = x.clone().matmul(wt.clone().transpose());
+            match (matmul_few_rows(&x, &w), matmul_few_rows(&x, &wt.clone().transpose())) {
+                (Some(y), Some(yt)) => {
+                    assert!(available());
+                    assert!(max_diff(y, expected) < 1e-4, "x·w {m}×{k}×{n}");
+                    assert!(max_diff(yt, expected_t) < 1e-4, "x·wtᵀ {m}×{k}×{n}");
+                }
+                (None, None) => assert!(!available(), "the kernels declined {m}×{k}×{n} on a CPU with AVX-512F"),
+                _ => panic!("one orientation ran and the other did not ({m}×{k}×{n})"),
+            }
+        }
+        // More rows than a decode step: burn's GEMM.
+        let x = Tensor::<B, 2>::zeros([MAX_ROWS + 1, 8], &device);
+        assert!(matmul_few_rows(&x, &Tensor::<B, 2>::zeros([8, 8], &device)).is_none());
+    }
+
+    #[test]
+    fn autodiff_tensors_are_left_to_burn() {
+        type T = burn::backend::Autodiff<B>;
+        let device = Default::default();
+        let x = Tensor::<T, 2>::ones([2, 8], &device);
+        assert!(matmul_few_rows(&x, &Tensor::<T, 2>::ones([8, 8], &device)).is_none());
+    }
+}

@@ -6,7 +6,7 @@ use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
 use burn::tensor::backend::{Backend, BackendTypes};
-use burn::tensor::{Bool, DType, Tensor, TensorData, TensorPrimitive};
+use burn::tensor::{Bool, BoolStore, DType, Tensor, TensorData, TensorPrimitive};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
@@ -28,9 +28,11 @@ fn flex<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Option<FlexTensor> {
     (f.dtype() == DType::F32).then(|| f.clone())
 }
 
+/// The Flex tensor behind a mask stored one byte per element (what `storage::<u8>` reads).
 fn flex_bool<B: Backend, const D: usize>(t: &Tensor<B, D, Bool>) -> Option<FlexTensor> {
     let primitive = t.clone().into_primitive();
-    (&primitive as &dyn Any).downcast_ref::<FlexTensor>().cloned()
+    let f = (&primitive as &dyn Any).downcast_ref::<FlexTensor>()?;
+    matches!(f.dtype(), DType::Bool(BoolStore::Native | BoolStore::U8)).then(|| f.clone())
 }
 
 fn tensor_of<B: Backend, const D: usize>(values: Vec<f32>, shape: [usize; D]) -> Option<Tensor<B, D>> {

@@ -270,7 +270,7 @@ pub(crate) fn attention<B: Backend>(
     let kvs: Vec<(FlexTensor, FlexTensor)> = blocks.iter().map(|(k, v)| Some((kv_of(k)?, kv_of(v)?))).collect::<Option<_>>()?;
     let first = kvs.first()?;
     let kv = first.0.layout().shape()[1];
-    if d % 16 != 0 || d > MAX_HEAD_DIM || kv == 0 || h % kv != 0 || h / kv > MAX_REP {
+    if b * h * s * d == 0 || d % 16 != 0 || d > MAX_HEAD_DIM || kv == 0 || h % kv != 0 || h / kv > MAX_REP {
         return None;
     }
     let qv = View::of(&qf)?;

@@ -199,22 +199,21 @@ impl<B: Backend> Attention<B> {
         let q = rope.apply(heads(self.q_proj.forward(x.clone()), h)).swap_dims(1, 2);
         let k = rope.apply(heads(self.k_proj.forward(x.clone()), kv)).swap_dims(1, 2);
         let v = heads(self.v_proj.forward(x), kv).swap_dims(1, 2);
+        let merge_heads = |out: Tensor<B, 4>| self.o_proj.forward(out.swap_dims(1, 2).reshape([b, s, h * d]));
         let (k, v) = match cache {
             Some(slot) => {
                 let cache = LayerKv::append(slot, k, v);
-                let out = match crate::cpu_kernels::attention(&q, &cache.blocks, cache.len, mask) {
-                    Some(out) => Some(out),
-                    None if s <= GROUPED_MAX_QUERIES => Some(grouped_attention(q.clone(), &cache.blocks, cache.len, mask)),
-                    None => None,
-                };
+                let out = crate::cpu_kernels::attention(&q, &cache.blocks, cache.len, mask).or_else(|| {
+                    (s <= GROUPED_MAX_QUERIES).then(|| grouped_attention(q.clone(), &cache.blocks, cache.len, mask))
+                });
                 if let Some(out) = out {
-                    return self.o_proj.forward(out.swap_dims(1, 2).reshape([b, s, h * d]));
+                    return merge_heads(out);
                 }
                 cache.filled()
             }
             None => {
                 if let Some(out) = crate::cpu_kernels::attention(&q, &[(k.clone(), v.clone())], s, mask) {
-                    return self.o_proj.forward(out.swap_dims(1, 2).reshape([b, s, h * d]));
+                    return merge_heads(out);
                 }
                 (k, v)
             }
@@ -229,7 +228,7 @@ impl<B: Backend> Attention<B> {
             }
             None => causal_attention(q, k, v),
         };
-        self.o_proj.forward(out.swap_dims(1, 2).reshape([b, s, h * d]))
+        merge_heads(out)
     }
 }
 

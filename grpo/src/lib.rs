@@ -34,6 +34,7 @@ mod data;
 mod error;
 mod loss;
 mod rollout;
+pub mod shard;
 mod trainer;
 
 pub use advantage::{advantages, Advantages, STD_EPS};
@@ -41,5 +42,5 @@ pub use config::{GrpoConfig, LossType, RolloutConstraint, ScaleRewards};
 pub use data::{encode_prompts, GrpoPrompt};
 pub use error::{GrpoError, Result};
 pub use loss::{policy_loss, token_weights, Surrogate, TokenInputs, TokenStats};
-pub use rollout::{constraint_for, rollout_seed, sample_and_score, MicroBatch, Rollout, Scored};
-pub use trainer::{prompts_of_step, train, Control, GrpoRun, GrpoState, MeanStd, Observer, PlanFingerprint, RunInfo, Sample, StepMetrics, Summary, TimeSplit};
+pub use rollout::{constraint_for, rollout_seed, sample_and_score, sample_and_score_at, MicroBatch, Rollout, Scored};
+pub use trainer::{prompts_of_step, train, train_data_parallel, Control, GrpoRun, GrpoState, MeanStd, Observer, PlanFingerprint, RunInfo, Sample, StepMetrics, Summary, TimeSplit};

@@ -13,7 +13,7 @@ use thinkjson_reward::{adherence, Context, RewardSet, ValidatorCache};
 use crate::advantage::{advantages, Advantages};
 use crate::config::{GrpoConfig, RolloutConstraint};
 use crate::data::GrpoPrompt;
-use crate::error::Result;
+use crate::error::{GrpoError, Result};
 
 /// The constraint a prompt's rollouts are sampled under.
 pub fn constraint_for(config: &GrpoConfig, prompt: &GrpoPrompt) -> Constraint {
@@ -66,12 +66,32 @@ pub fn sample_and_score<B: Backend>(
     config: &GrpoConfig,
     step: u64,
 ) -> Result<Rollout> {
+    let positions: Vec<usize> = (0..prompts.len()).collect();
+    sample_and_score_at(model, generator, prompts, &positions, rewards, validators, config, step)
+}
+
+/// [`sample_and_score`] for prompts at `positions` of the generation batch (a data-parallel
+/// peer's share): each completion is seeded by its position in the whole batch.
+#[allow(clippy::too_many_arguments)]
+pub fn sample_and_score_at<B: Backend>(
+    model: &CausalLm<B>,
+    generator: &Generator,
+    prompts: &[&GrpoPrompt],
+    positions: &[usize],
+    rewards: &RewardSet,
+    validators: &ValidatorCache,
+    config: &GrpoConfig,
+    step: u64,
+) -> Result<Rollout> {
+    if positions.len() != prompts.len() {
+        return Err(GrpoError::Data(format!("{} prompts but {} batch positions", prompts.len(), positions.len())));
+    }
     let g = config.num_generations;
     let started = Instant::now();
     let requests: Vec<Request> = prompts
         .iter()
-        .enumerate()
-        .flat_map(|(i, p)| {
+        .zip(positions)
+        .flat_map(|(p, &i)| {
             let constraint = constraint_for(config, p);
             (0..g).map(move |k| Request {
                 prompt: p.prompt.clone(),

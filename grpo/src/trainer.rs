@@ -16,7 +16,10 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use thinkjson_decode::Generator;
 pub use thinkjson_model::train::Control;
-use thinkjson_model::train::{attach_lora, save_if_due, seed_step, start_or_resume, AdamW, RunFiles};
+use thinkjson_model::train::{
+    agreed_grad_norm, all_reduce_scalar, all_reduce_step, attach_lora, check_in_sync, save_if_due, seed_step, start_or_resume, AdamW, Collective, RunFiles, Solo,
+    StepTotals,
+};
 use thinkjson_model::{CausalLm, ModelError, Tokenizer};
 use thinkjson_reward::{RewardSet, ValidatorCache};
 
@@ -24,7 +27,8 @@ use crate::config::GrpoConfig;
 use crate::data::GrpoPrompt;
 use crate::error::{GrpoError, Result};
 use crate::loss::{policy_loss, token_weights, Surrogate, TokenInputs, TokenStats};
-use crate::rollout::{constraint_for, sample_and_score, MicroBatch, Rollout};
+use crate::rollout::{constraint_for, sample_and_score_at, MicroBatch, Rollout};
+use crate::shard::{positions_of_rank, share, BatchView};
 
 /// Where and how a run keeps its checkpoints.
 #[derive(Debug, Clone)]
@@ -118,6 +122,9 @@ pub struct TimeSplit {
     pub backward: f64,
     /// AdamW updates.
     pub optimizer: f64,
+    /// Data-parallel reductions: shared rollouts and summed gradients, waiting for the
+    /// slowest peer included (0 with one peer).
+    pub sync: f64,
     pub total: f64,
 }
 
@@ -226,6 +233,27 @@ pub fn train<B: AutodiffBackend>(
     run: &GrpoRun,
     observer: &mut dyn Observer,
 ) -> Result<(CausalLm<B>, Summary)> {
+    train_data_parallel(model, tokenizer, prompts, rewards, run, observer, &mut Solo)
+}
+
+/// [`train`] as one peer of a data-parallel group: every peer calls it with the same model,
+/// prompts and run. Each samples and scores its share of every generation batch (whole
+/// prompt groups, see [`crate::shard`]), the peers share the batch's rewards and lengths,
+/// train on their own completions with the loss weights of the whole batch, and sum their
+/// gradients before each update, so N peers make the updates one peer makes with the whole
+/// batch. Rank 0 alone reports to its observer (metrics of the whole batch; clip, KL and
+/// entropy figures over its own tokens) and writes checkpoints; the others get `&mut ()`.
+pub fn train_data_parallel<B: AutodiffBackend>(
+    model: CausalLm<B>,
+    tokenizer: &Tokenizer,
+    prompts: &[GrpoPrompt],
+    rewards: &RewardSet,
+    run: &GrpoRun,
+    observer: &mut dyn Observer,
+    collective: &mut dyn Collective<B::InnerBackend>,
+) -> Result<(CausalLm<B>, Summary)> {
+    let (rank, world) = (collective.rank(), collective.world_size());
+    let leader = rank == 0;
     let config = &run.config;
     config.validate()?;
     if prompts.is_empty() {
@@ -269,48 +297,43 @@ pub fn train<B: AutodiffBackend>(
         reward_functions: rewards.names(),
     };
     observer.on_start(&info);
+    let device = model.device();
     let pad_id = tokenizer.pad_id_for(model.config().vocab_size);
     let budget = settings.tokens_per_pass(model.config());
     let validators = ValidatorCache::new();
     let surrogate = Surrogate { epsilon_low: config.epsilon_low, epsilon_high: config.epsilon_high, beta: config.beta };
+    let names = rewards.names();
     let mut reward_means = Vec::new();
     let mut last_checkpoint = None;
     for index in state.step..total {
         let step = index + 1;
         let started = Instant::now();
-        seed_step::<B>(&model.device(), config.seed, index);
-        let chosen: Vec<&GrpoPrompt> = prompts_of_step(prompts.len(), config, index).into_iter().map(|i| &prompts[i]).collect();
+        seed_step::<B>(&device, config.seed, index);
+        let batch = prompts_of_step(prompts.len(), config, index);
+        let positions = positions_of_rank(batch.len(), rank, world);
+        let chosen: Vec<&GrpoPrompt> = positions.iter().map(|&i| &prompts[batch[i]]).collect();
         let inner = model.valid();
-        let rollout = sample_and_score(&inner, &generator, &chosen, rewards, &validators, config, index)?;
+        let sampled = sample_and_score_at(&inner, &generator, &chosen, &positions, rewards, &validators, config, index)
+            .and_then(|r| check_rollout(&r, step).map(|()| r));
         drop(inner);
-        // Weights gone non-finite show first in the sampler's log-probs (a NaN model still
-        // "samples", and its all-equal rewards would otherwise skip every update).
-        if let Some(bad) = rollout.completions.iter().flat_map(|s| s.completion.logprobs.iter()).find(|lp| !lp.is_finite()) {
-            return Err(GrpoError::NonFinite { step, what: "rollout log-prob", value: f64::from(*bad) });
+        let synced = Instant::now();
+        let (rollout, view) = share(sampled, &positions, batch.len(), &names, config, &device, collective)?;
+        let sync_share = synced.elapsed().as_secs_f64();
+        if leader {
+            observer.on_rollout(step, &chosen, &rollout);
         }
-        for s in &rollout.completions {
-            if let Some((name, v)) = s.parts.iter().find(|(_, v)| !v.is_finite()) {
-                return Err(GrpoError::NonFiniteReward { step, function: name.clone(), value: *v });
-            }
-        }
-        observer.on_rollout(step, &chosen, &rollout);
-        let mut time = TimeSplit { generation: rollout.generation_secs, reward: rollout.reward_secs, ..TimeSplit::default() };
+        let mut time = TimeSplit { generation: rollout.generation_secs, reward: rollout.reward_secs, sync: sync_share, ..TimeSplit::default() };
 
-        let step_passes = passes(&rollout, &chosen, config, pad_id, budget)?;
-        let step_active: usize = step_passes.iter().map(|(m, _)| m.positions.len()).sum();
+        let step_active: usize = view.active(config.mask_truncated_completions).iter().sum();
         let t_ref = Instant::now();
-        let reference_logps: Vec<Option<Vec<f32>>> = match &reference {
-            Some(r) => step_passes
-                .iter()
-                .map(|(m, _)| {
-                    if m.positions.is_empty() {
-                        return Ok(None);
-                    }
-                    let lp = pass_scores(r, m, &rollout, &chosen, config, false)?.0;
-                    Ok(Some(to_host(lp)?))
-                })
-                .collect::<Result<_>>()?,
-            None => vec![None; step_passes.len()],
+        // A local failure from here on is carried into the next reduction (see `all_reduce_step`).
+        let mut pending: Option<GrpoError> = None;
+        let (step_passes, reference_logps) = match prepare(&rollout, &view, &chosen, config, pad_id, budget, reference.as_ref()) {
+            Ok(prepared) => prepared,
+            Err(e) => {
+                pending = Some(e);
+                (Vec::new(), Vec::new())
+            }
         };
         time.logprobs += t_ref.elapsed().as_secs_f64();
 
@@ -319,49 +342,70 @@ pub fn train<B: AutodiffBackend>(
         let (mut loss_value, mut grad_norm, mut clip_scale, mut lr, mut skipped) = (0.0, 0.0, 1.0, schedule.lr(state.updates), 0);
         for iteration in 0..config.num_iterations {
             let mut accumulator = GradientsAccumulator::<CausalLm<B>>::new();
-            let mut any = false;
+            let mut trained_tokens = 0usize;
             loss_value = 0.0;
-            for ((m, weights), reference) in step_passes.iter().zip(&reference_logps) {
-                let advantages = m.token_advantages(&rollout);
-                let signal = config.beta != 0.0 || advantages.iter().any(|&a| a != 0.0);
-                if m.positions.is_empty() || !signal {
-                    continue;
-                }
-                let t0 = Instant::now();
-                let (logps, entropy) = pass_scores(&model, m, &rollout, &chosen, config, iteration == 0)?;
-                if let Some(e) = entropy {
-                    entropy_sum += e.sum().into_scalar().elem::<f64>();
-                    entropy_tokens += m.positions.len();
-                }
-                let inputs = TokenInputs {
-                    // μ = 1 trains on fresh samples: old = current, detached (ratio exactly 1).
-                    old: (config.num_iterations > 1).then(|| m.rollout_logprobs(&rollout)),
-                    reference: reference.clone(),
-                    advantages,
-                    weights: weights.clone(),
+            if pending.is_none() {
+                let mut local = || -> Result<()> {
+                    for ((m, weights), reference) in step_passes.iter().zip(&reference_logps) {
+                        let advantages = m.token_advantages(&rollout);
+                        let signal = config.beta != 0.0 || advantages.iter().any(|&a| a != 0.0);
+                        if m.positions.is_empty() || !signal {
+                            continue;
+                        }
+                        let t0 = Instant::now();
+                        let (logps, entropy) = pass_scores(&model, m, &rollout, &chosen, config, iteration == 0)?;
+                        if let Some(e) = entropy {
+                            entropy_sum += e.sum().into_scalar().elem::<f64>();
+                            entropy_tokens += m.positions.len();
+                        }
+                        let inputs = TokenInputs {
+                            // μ = 1 trains on fresh samples: old = current, detached (ratio exactly 1).
+                            old: (config.num_iterations > 1).then(|| m.rollout_logprobs(&rollout)),
+                            reference: reference.clone(),
+                            advantages,
+                            weights: weights.clone(),
+                        };
+                        let (loss, micro_stats) = policy_loss(logps, &inputs, &surrogate)?;
+                        let value = loss.clone().into_scalar().elem::<f64>();
+                        if !value.is_finite() {
+                            return Err(GrpoError::NonFinite { step, what: "loss", value });
+                        }
+                        time.logprobs += t0.elapsed().as_secs_f64();
+                        let t1 = Instant::now();
+                        let grads = GradientsParams::from_grads(loss.backward(), &model);
+                        accumulator.accumulate(&model, grads);
+                        time.backward += t1.elapsed().as_secs_f64();
+                        loss_value += value;
+                        stats.add(&micro_stats);
+                        trained_tokens += m.positions.len();
+                    }
+                    Ok(())
                 };
-                let (loss, micro_stats) = policy_loss(logps, &inputs, &surrogate)?;
-                let value = loss.clone().into_scalar().elem::<f64>();
-                if !value.is_finite() {
-                    return Err(GrpoError::NonFinite { step, what: "loss", value });
+                if let Err(e) = local() {
+                    pending = Some(e);
                 }
-                time.logprobs += t0.elapsed().as_secs_f64();
-                let t1 = Instant::now();
-                let grads = GradientsParams::from_grads(loss.backward(), &model);
-                accumulator.accumulate(&model, grads);
-                time.backward += t1.elapsed().as_secs_f64();
-                loss_value += value;
-                stats.add(&micro_stats);
-                any = true;
             }
             lr = schedule.lr(state.updates);
             state.updates += 1;
-            if !any {
+            // Every peer joins the reduction, with or without gradients of its own; an update
+            // happens when any peer's completions carried signal.
+            let totals = StepTotals { loss: loss_value, tokens: trained_tokens as f64 };
+            let grads = if pending.is_none() { accumulator.grads() } else { GradientsParams::new() };
+            let synced = Instant::now();
+            let reduced = all_reduce_step(&model, grads, totals, pending.is_some(), collective);
+            time.sync += synced.elapsed().as_secs_f64();
+            if let Some(e) = pending.take() {
+                return Err(e);
+            }
+            let (grads, totals) = reduced?;
+            loss_value = totals.loss;
+            if totals.tokens == 0.0 {
                 skipped += 1;
                 continue;
             }
             let t2 = Instant::now();
-            let (next, report) = optimizer.step(lr, model, accumulator.grads()).map_err(|e| match e {
+            let agreed_norm = agreed_grad_norm(&model, &grads, collective)?;
+            let (next, report) = optimizer.step_with_norm(lr, model, grads, agreed_norm).map_err(|e| match e {
                 ModelError::NonFinite(_) => GrpoError::NonFinite { step, what: "gradient norm", value: f64::NAN },
                 other => GrpoError::Model(other),
             })?;
@@ -372,7 +416,7 @@ pub fn train<B: AutodiffBackend>(
         }
         state.step = step;
         time.total = started.elapsed().as_secs_f64();
-        let metrics = step_metrics(&rollout, &stats, StepExtras {
+        let metrics = step_metrics(&view, &stats, StepExtras {
             step,
             updates: state.updates,
             lr,
@@ -386,7 +430,7 @@ pub fn train<B: AutodiffBackend>(
             beta: config.beta,
         });
         reward_means.push(metrics.reward_mean);
-        if config.sample_every > 0 && (step.is_multiple_of(config.sample_every) || step == 1) && config.samples_logged > 0 {
+        if leader && config.sample_every > 0 && (step.is_multiple_of(config.sample_every) || step == 1) && config.samples_logged > 0 {
             let samples: Vec<Sample> = rollout
                 .completions
                 .iter()
@@ -404,8 +448,16 @@ pub fn train<B: AutodiffBackend>(
                 .collect();
             observer.on_samples(&samples);
         }
-        if observer.on_step(&metrics) == Control::Stop {
+        let stop = leader && observer.on_step(&metrics) == Control::Stop;
+        // Rank 0's observer decides for the group: no peer may wait for a step the others skip.
+        if all_reduce_scalar(f64::from(u8::from(stop)), &device, collective)? > 0.0 {
             return Ok((model, Summary { info, last_step: step, stopped_early: true, reward_means, last_checkpoint }));
+        }
+        if world > 1 && (step == total || step.is_multiple_of(SYNC_CHECK_EVERY)) {
+            check_in_sync(&model, collective)?;
+        }
+        if !leader {
+            continue;
         }
         if let Some(dir) = save_if_due(&run.files(), step, config.save_every, step == total, &model, &optimizer, &state)? {
             observer.on_checkpoint(step, &dir);
@@ -415,29 +467,88 @@ pub fn train<B: AutodiffBackend>(
     Ok((model, Summary { info, last_step: state.step, stopped_early: false, reward_means, last_checkpoint }))
 }
 
-/// The generation batch as forward/backward passes, each with its tokens' loss weights: the
-/// `grad_accum` micro-batches fix the weights (TRL's normalisations); each micro-batch is cut
-/// into passes over one prompt's completions ([`CausalLm::continuation_scores`] runs that
-/// prompt once per pass) of at most `budget` tokens (`P − 1 + rows × longest completion`).
-/// The cuts change memory and speed, not the loss.
-fn passes(rollout: &Rollout, prompts: &[&GrpoPrompt], config: &GrpoConfig, pad_id: u32, budget: usize) -> Result<Vec<(MicroBatch, Vec<f32>)>> {
-    let n = rollout.completions.len();
+/// Steps between two comparisons of the peers' weights (and at the last step).
+const SYNC_CHECK_EVERY: u64 = 10;
+
+/// Non-finite sampler log-probs or rewards stop the run. Weights gone non-finite show first
+/// in the sampler's log-probs (a NaN model still "samples", and its all-equal rewards would
+/// otherwise skip every update).
+fn check_rollout(rollout: &Rollout, step: u64) -> Result<()> {
+    if let Some(bad) = rollout.completions.iter().flat_map(|s| s.completion.logprobs.iter()).find(|lp| !lp.is_finite()) {
+        return Err(GrpoError::NonFinite { step, what: "rollout log-prob", value: f64::from(*bad) });
+    }
+    for s in &rollout.completions {
+        if let Some((name, v)) = s.parts.iter().find(|(_, v)| !v.is_finite()) {
+            return Err(GrpoError::NonFiniteReward { step, function: name.clone(), value: *v });
+        }
+    }
+    Ok(())
+}
+
+type PreparedPasses = (Vec<(MicroBatch, Vec<f32>)>, Vec<Option<Vec<f32>>>);
+
+/// This peer's training passes and, with β > 0, the reference's log-probs of their tokens.
+fn prepare<B: Backend>(
+    rollout: &Rollout,
+    view: &BatchView,
+    chosen: &[&GrpoPrompt],
+    config: &GrpoConfig,
+    pad_id: u32,
+    budget: usize,
+    reference: Option<&CausalLm<B>>,
+) -> Result<PreparedPasses> {
+    let step_passes = passes(rollout, view, chosen, config, pad_id, budget)?;
+    let reference_logps = match reference {
+        Some(r) => step_passes
+            .iter()
+            .map(|(m, _)| {
+                if m.positions.is_empty() {
+                    return Ok(None);
+                }
+                let lp = pass_scores(r, m, rollout, chosen, config, false)?.0;
+                Ok(Some(to_host(lp)?))
+            })
+            .collect::<Result<_>>()?,
+        None => vec![None; step_passes.len()],
+    };
+    Ok((step_passes, reference_logps))
+}
+
+/// This peer's share of the generation batch as forward/backward passes, each with its
+/// tokens' loss weights. The `grad_accum` micro-batches are cut from the whole batch and fix
+/// the weights (TRL's normalisations), so a peer's tokens weigh what they weigh with one
+/// peer; each peer's part of a micro-batch is cut into passes over one prompt's completions
+/// ([`CausalLm::continuation_scores`] runs that prompt once per pass) of at most `budget`
+/// tokens (`P − 1 + rows × longest completion`). The cuts change memory and speed, not the loss.
+fn passes(rollout: &Rollout, view: &BatchView, prompts: &[&GrpoPrompt], config: &GrpoConfig, pad_id: u32, budget: usize) -> Result<Vec<(MicroBatch, Vec<f32>)>> {
+    let active = view.active(config.mask_truncated_completions);
+    let local_of_global = view.local_of_global();
+    let n = active.len();
     let per_micro = n.div_ceil(config.grad_accum.max(1)).max(1);
-    let rows: Vec<usize> = (0..n).collect();
-    let micro: Vec<MicroBatch> = rows
-        .chunks(per_micro)
-        .map(|group| MicroBatch::build(rollout, prompts, group, config.mask_truncated_completions, pad_id))
-        .collect::<Result<_>>()?;
-    let step_active: usize = micro.iter().map(|m| m.positions.len()).sum();
-    let accum = micro.len();
+    let chunks: Vec<std::ops::Range<usize>> = (0..n).step_by(per_micro).map(|s| s..(s + per_micro).min(n)).collect();
+    let step_active: usize = active.iter().sum();
+    let accum = chunks.len();
     let mut out = Vec::new();
-    for m in micro {
-        let weights = token_weights(config.loss_type, &m.active, accum, step_active, config.max_completion_len);
+    for chunk in chunks {
+        let weights = token_weights(config.loss_type, &active[chunk.clone()], accum, step_active, config.max_completion_len);
+        // This peer's rows of the micro-batch and their slices of its weights.
+        let (mut rows, mut row_weights, mut offset) = (Vec::new(), Vec::new(), 0);
+        for c in chunk {
+            if let Some(j) = local_of_global[c] {
+                rows.push(j);
+                row_weights.extend_from_slice(&weights[offset..offset + active[c]]);
+            }
+            offset += active[c];
+        }
+        if rows.is_empty() {
+            continue;
+        }
+        let m = MicroBatch::build(rollout, prompts, &rows, config.mask_truncated_completions, pad_id)?;
         let mut first_token = 0;
         for piece in prompt_pieces(&m.rows, rollout, prompts, budget) {
             let count: usize = m.active[piece.clone()].iter().sum();
             let part = MicroBatch::build(rollout, prompts, &m.rows[piece], config.mask_truncated_completions, pad_id)?;
-            out.push((part, weights[first_token..first_token + count].to_vec()));
+            out.push((part, row_weights[first_token..first_token + count].to_vec()));
             first_token += count;
         }
     }
@@ -505,19 +616,11 @@ struct StepExtras {
     beta: f64,
 }
 
-fn step_metrics(rollout: &Rollout, stats: &TokenStats, x: StepExtras) -> StepMetrics {
-    let c = &rollout.completions;
-    let n = c.len().max(1) as f64;
-    let totals: Vec<f64> = c.iter().map(|s| s.reward).collect();
-    let overall = MeanStd::of(&totals);
-    let mut per_fn: BTreeMap<String, Vec<f64>> = BTreeMap::new();
-    for s in c {
-        for (name, v) in &s.parts {
-            per_fn.entry(name.clone()).or_default().push(*v);
-        }
-    }
-    let lens: Vec<usize> = c.iter().map(|s| s.completion.tokens.len()).collect();
-    let share = |f: &dyn Fn(&crate::rollout::Scored) -> bool| c.iter().filter(|s| f(s)).count() as f64 / n;
+fn step_metrics(view: &BatchView, stats: &TokenStats, x: StepExtras) -> StepMetrics {
+    let n = view.rewards.len().max(1) as f64;
+    let overall = MeanStd::of(&view.rewards);
+    let lens = &view.lens;
+    let share = |flags: &[bool]| flags.iter().filter(|&&f| f).count() as f64 / n;
     StepMetrics {
         step: x.step,
         updates: x.updates,
@@ -527,8 +630,8 @@ fn step_metrics(rollout: &Rollout, stats: &TokenStats, x: StepExtras) -> StepMet
         clip_scale: x.clip_scale,
         reward_mean: overall.mean,
         reward_std: overall.std,
-        rewards: per_fn.into_iter().map(|(k, v)| (k, MeanStd::of(&v))).collect(),
-        frac_zero_std: rollout.advantages.frac_zero_std(),
+        rewards: view.parts.iter().map(|(k, v)| (k.clone(), MeanStd::of(v))).collect(),
+        frac_zero_std: view.advantages.frac_zero_std(),
         kl: if x.beta != 0.0 { stats.kl_mean() } else { 0.0 },
         clip_low: stats.clip_low_frac(),
         clip_high: stats.clip_high_frac(),
@@ -536,9 +639,9 @@ fn step_metrics(rollout: &Rollout, stats: &TokenStats, x: StepExtras) -> StepMet
         entropy: x.entropy,
         completion_len_mean: lens.iter().sum::<usize>() as f64 / n,
         completion_len_max: lens.iter().copied().max().unwrap_or(0),
-        truncated_share: share(&|s| s.truncated),
-        valid_json_rate: share(&|s| s.valid_json),
-        schema_valid_rate: share(&|s| s.schema_valid),
+        truncated_share: share(&view.truncated),
+        valid_json_rate: share(&view.valid_json),
+        schema_valid_rate: share(&view.schema_valid),
         active_tokens: x.active_tokens,
         skipped_updates: x.skipped,
         time: x.time,

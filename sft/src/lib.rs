@@ -40,4 +40,4 @@ pub use data::{chat_messages, EncodeReport, Encoded, Encoder, SftExample};
 pub use error::{Result, SftError};
 pub use loss::completion_loss;
 pub use thinkjson_model::train::Control;
-pub use trainer::{evaluate, mean_loss, train, EvalMetrics, Observer, PlanFingerprint, RunInfo, SftRun, StepMetrics, Summary, TrainerState};
+pub use trainer::{evaluate, mean_loss, train, train_data_parallel, EvalMetrics, Observer, PlanFingerprint, RunInfo, SftRun, StepMetrics, Summary, TrainerState};

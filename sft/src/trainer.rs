@@ -11,10 +11,13 @@ use burn::tensor::ElementConversion;
 use serde::{Deserialize, Serialize};
 use thinkjson_decode::{Constraint, GenerateConfig, Generator, Request, SamplingConfig};
 use thinkjson_model::train::memory::token_pieces;
-use thinkjson_model::train::{attach_lora, save_if_due, seed_step, start_or_resume, AdamW, Control, RunFiles};
+use thinkjson_model::train::{
+    agreed_grad_norm, all_reduce_scalar, all_reduce_step, attach_lora, check_in_sync, save_if_due, seed_step, start_or_resume, AdamW, Collective, Control,
+    RunFiles, Solo, StepTotals,
+};
 use thinkjson_model::{CausalLm, ModelError, Tokenizer};
 
-use crate::batching::{plan_steps, MicroBatch, StepPlan};
+use crate::batching::{plan_steps, MicroBatch, RowPlan, StepPlan};
 use crate::config::SftConfig;
 use crate::data::SftExample;
 use crate::error::{Result, SftError};
@@ -111,6 +114,11 @@ pub struct StepMetrics {
     pub tokens_per_sec: f64,
     pub examples_seen: u64,
     pub step_secs: f64,
+    /// Of `step_secs`, the time in the peers' reductions (waiting for the slowest peer
+    /// included); 0 with one peer.
+    pub sync_secs: f64,
+    /// Data-parallel peers that shared the step (1: a single-device run).
+    pub peers: usize,
 }
 
 /// One evaluation on the held-out examples.
@@ -161,6 +169,26 @@ pub fn train<B: AutodiffBackend>(
     run: &SftRun,
     observer: &mut dyn Observer,
 ) -> Result<(CausalLm<B>, Summary)> {
+    train_data_parallel(model, tokenizer, train, eval, run, observer, &mut Solo)
+}
+
+/// [`train`] as one peer of a data-parallel group: every peer calls it with the same model,
+/// data and run, and each step's rows are dealt round-robin to the peers (row `i` of the
+/// step to rank `i mod world`), so the config's `batch_size` stays the global batch. The
+/// loss is normalised by the step's global target count and the gradients are summed before
+/// the optimiser step, so N peers make the update one peer makes with the whole step (up to
+/// float summation order). Rank 0 alone evaluates, reports to its observer and writes
+/// checkpoints; the others should get `&mut ()`.
+pub fn train_data_parallel<B: AutodiffBackend>(
+    model: CausalLm<B>,
+    tokenizer: &Tokenizer,
+    train: &[SftExample],
+    eval: &[SftExample],
+    run: &SftRun,
+    observer: &mut dyn Observer,
+    collective: &mut dyn Collective<B::InnerBackend>,
+) -> Result<(CausalLm<B>, Summary)> {
+    let leader = collective.rank() == 0;
     let config = &run.config;
     config.validate()?;
     if train.is_empty() {
@@ -200,7 +228,8 @@ pub fn train<B: AutodiffBackend>(
         let started = Instant::now();
         let lr = schedule.lr(index as u64);
         seed_step::<B>(&model.device(), config.seed, index as u64);
-        let (next, loss, report, tokens, targets) = train_step(model, &mut optimizer, train, step_plan, pad_id, lr, config, index as u64 + 1)?;
+        let StepOutcome { model: next, loss, report, tokens, targets, sync_secs } =
+            train_step(model, &mut optimizer, train, step_plan, pad_id, lr, config, index as u64 + 1, collective)?;
         model = next;
         let step = index as u64 + 1;
         state.step = step;
@@ -221,8 +250,13 @@ pub fn train<B: AutodiffBackend>(
             tokens_per_sec: tokens as f64 / secs.max(1e-9),
             examples_seen: state.examples_seen,
             step_secs: secs,
+            sync_secs,
+            peers: collective.world_size(),
         };
-        if observer.on_step(&metrics) == Control::Stop {
+        let stop = leader && observer.on_step(&metrics) == Control::Stop;
+        // Rank 0's observer decides for the group: no peer may wait for a step the others skip.
+        let stop = all_reduce_scalar(f64::from(u8::from(stop)), &model.device(), collective)? > 0.0;
+        if stop {
             return Ok((
                 model,
                 Summary {
@@ -236,6 +270,12 @@ pub fn train<B: AutodiffBackend>(
             ));
         }
         let last = step == total;
+        if collective.world_size() > 1 && (last || step.is_multiple_of(SYNC_CHECK_EVERY)) {
+            check_in_sync(&model, collective)?;
+        }
+        if !leader {
+            continue;
+        }
         if (last || (config.eval_every > 0 && step.is_multiple_of(config.eval_every))) && !eval.is_empty() {
             let m = evaluate(&model, tokenizer, eval, config, step)?;
             observer.on_eval(&m);
@@ -259,7 +299,18 @@ pub fn train<B: AutodiffBackend>(
     ))
 }
 
-type StepOutcome<B> = (CausalLm<B>, f64, thinkjson_model::train::StepReport, usize, usize);
+/// Steps between two comparisons of the peers' weights (and at the last step).
+const SYNC_CHECK_EVERY: u64 = 10;
+
+/// What one optimiser step hands back to the loop.
+struct StepOutcome<B: AutodiffBackend> {
+    model: CausalLm<B>,
+    loss: f64,
+    report: thinkjson_model::train::StepReport,
+    tokens: usize,
+    targets: usize,
+    sync_secs: f64,
+}
 
 #[allow(clippy::too_many_arguments)]
 fn train_step<B: AutodiffBackend>(
@@ -271,33 +322,67 @@ fn train_step<B: AutodiffBackend>(
     lr: f64,
     config: &SftConfig,
     step: u64,
+    collective: &mut dyn Collective<B::InnerBackend>,
 ) -> Result<StepOutcome<B>> {
-    // Each micro-batch in passes of at most `budget` padded tokens; the loss is normalised by
-    // the step's target count, so the passes sum to the same update.
+    // This peer's rows of the step (all of them with one peer), each micro-batch in passes of
+    // at most `budget` padded tokens. The loss is normalised by the step's global target
+    // count, so the passes and the peers sum to the same update.
     let budget = config.settings().tokens_per_pass(model.config());
-    let mut batches = Vec::new();
+    let (rank, world) = (collective.rank(), collective.world_size());
+    let device = model.device();
+    let mut position = 0usize;
+    let mut built: Result<Vec<MicroBatch>> = Ok(Vec::new());
     for rows in &plan.micro_batches {
-        let widths: Vec<usize> = rows.iter().map(|row| row.iter().map(|&i| train[i].len().saturating_sub(1)).sum()).collect();
+        let mine: Vec<RowPlan> = rows
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| (position + i) % world == rank)
+            .map(|(_, row)| row.clone())
+            .collect();
+        position += rows.len();
+        let widths: Vec<usize> = mine.iter().map(|row| row.iter().map(|&i| train[i].len().saturating_sub(1)).sum()).collect();
         for piece in token_pieces(&widths, budget) {
-            batches.push(MicroBatch::build(train, &rows[piece], pad_id, config.packing)?);
+            if let Ok(batches) = built.as_mut() {
+                match MicroBatch::build(train, &mine[piece], pad_id, config.packing) {
+                    Ok(b) => batches.push(b),
+                    Err(e) => built = Err(e),
+                }
+            }
         }
     }
-    let targets: usize = batches.iter().map(|b| b.targets.len()).sum();
-    let tokens: usize = batches.iter().map(MicroBatch::input_tokens).sum();
-    let mut accumulator = GradientsAccumulator::<CausalLm<B>>::new();
-    let mut loss_total = 0.0;
-    for batch in &batches {
-        let loss = completion_loss(&model, batch, targets, config.logprob_chunk)?;
-        let value = loss.clone().into_scalar().elem::<f64>();
-        if !value.is_finite() {
-            return Err(SftError::NonFinite { step, what: "loss", value });
+    let local_targets = built.as_ref().map_or(0, |b| b.iter().map(|b| b.targets.len()).sum::<usize>());
+    let synced = Instant::now();
+    let targets = all_reduce_scalar(local_targets as f64, &device, collective)?.round() as usize;
+    let mut sync_secs = synced.elapsed().as_secs_f64();
+    let local = built.and_then(|batches| {
+        let mut accumulator = GradientsAccumulator::<CausalLm<B>>::new();
+        let mut loss_total = 0.0;
+        for batch in &batches {
+            let loss = completion_loss(&model, batch, targets, config.logprob_chunk)?;
+            let value = loss.clone().into_scalar().elem::<f64>();
+            if !value.is_finite() {
+                return Err(SftError::NonFinite { step, what: "loss", value });
+            }
+            loss_total += value;
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            accumulator.accumulate(&model, grads);
         }
-        loss_total += value;
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
-        accumulator.accumulate(&model, grads);
+        let tokens: usize = batches.iter().map(MicroBatch::input_tokens).sum();
+        Ok((accumulator.grads(), StepTotals { loss: loss_total, tokens: tokens as f64 }))
+    });
+    let (grads, totals, failure) = match local {
+        Ok((grads, totals)) => (grads, totals, None),
+        Err(e) => (GradientsParams::new(), StepTotals::default(), Some(e)),
+    };
+    let synced = Instant::now();
+    let reduced = all_reduce_step(&model, grads, totals, failure.is_some(), collective);
+    sync_secs += synced.elapsed().as_secs_f64();
+    if let Some(e) = failure {
+        return Err(e);
     }
-    let grads = accumulator.grads();
-    let (model, report) = optimizer.step(lr, model, grads).map_err(|e| match e {
+    let (grads, totals) = reduced?;
+    let grad_norm = agreed_grad_norm(&model, &grads, collective)?;
+    let (model, report) = optimizer.step_with_norm(lr, model, grads, grad_norm).map_err(|e| match e {
         ModelError::NonFinite(_) => SftError::NonFinite {
             step,
             what: "gradient norm",
@@ -305,7 +390,7 @@ fn train_step<B: AutodiffBackend>(
         },
         other => SftError::Model(other),
     })?;
-    Ok((model, loss_total, report, tokens, targets))
+    Ok(StepOutcome { model, loss: totals.loss, report, tokens: totals.tokens.round() as usize, targets, sync_secs })
 }
 
 /// Held-out loss (mean per completion token) and, for the first `eval_generations`

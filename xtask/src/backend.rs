@@ -28,9 +28,17 @@ pub fn dispatch<J: OnBackend>(spec: DeviceSpec, job: J) -> Result<J::Output> {
 }
 
 /// A training job written once for any autodiff backend.
-pub trait OnTrainBackend {
+pub trait OnTrainBackend: Sized {
     type Output;
     fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<Self::Output>;
+    /// The job data-parallel over several devices of one backend (one peer per device). Jobs
+    /// that train on one device only refuse more.
+    fn run_group<B: AutodiffBackend>(self, mut devices: Vec<B::Device>) -> Result<Self::Output> {
+        match devices.len() {
+            1 => self.run::<B>(devices.remove(0)),
+            n => anyhow::bail!("this command trains on one device; {n} were given (--devices)"),
+        }
+    }
 }
 
 /// [`dispatch`] for training: CPU (`Autodiff<Flex>`) or CUDA (`Autodiff<Cuda>`), probed first.
@@ -48,6 +56,48 @@ pub fn dispatch_train<J: OnTrainBackend>(spec: DeviceSpec, job: J) -> Result<J::
             unreachable!("probe_cuda fails without the cuda feature")
         }
     }
+}
+
+/// [`dispatch_train`] over a group of devices: all CPU peers (`cpu,cpu`: threads of this
+/// process) or all CUDA devices, each index once, every one probed first.
+pub fn dispatch_train_group<J: OnTrainBackend>(specs: &[DeviceSpec], job: J) -> Result<J::Output> {
+    match specs {
+        [] => anyhow::bail!("no device given"),
+        [one] => dispatch_train(*one, job),
+        _ if specs.iter().all(|s| *s == DeviceSpec::Cpu) => job.run_group::<CpuTrainBackend>(vec![Default::default(); specs.len()]),
+        _ => {
+            let mut indices = Vec::new();
+            for spec in specs {
+                let DeviceSpec::Cuda(index) = *spec else {
+                    anyhow::bail!("--devices mixes cpu and cuda ({}); a group is all one kind", join(specs));
+                };
+                if indices.contains(&index) {
+                    anyhow::bail!("--devices names cuda:{index} twice ({})", join(specs));
+                }
+                probe_cuda(index)?;
+                indices.push(index);
+            }
+            #[cfg(feature = "cuda")]
+            {
+                use thinkjson_model::burn::backend::cuda::CudaDevice;
+                job.run_group::<thinkjson_model::burn::backend::Autodiff<thinkjson_model::CudaBackend>>(indices.into_iter().map(CudaDevice::new).collect())
+            }
+            #[cfg(not(feature = "cuda"))]
+            unreachable!("probe_cuda fails without the cuda feature")
+        }
+    }
+}
+
+fn join(specs: &[DeviceSpec]) -> String {
+    specs.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+}
+
+/// The devices of a run: `devices` when given (a data-parallel group), else `device` alone.
+pub fn device_group(device: &str, devices: &[String]) -> Result<Vec<DeviceSpec>> {
+    if devices.is_empty() {
+        return Ok(vec![device.parse()?]);
+    }
+    devices.iter().map(|d| Ok(d.parse()?)).collect()
 }
 
 /// The model to train: an HF directory, a GGUF file or an embedded model name (see
@@ -87,4 +137,43 @@ pub fn tokenizer_dir(model: Option<&std::path::Path>, fallback: &std::path::Path
 /// The tokenizer files copied into every checkpoint, so each is a complete model directory.
 pub fn tokenizer_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     ["tokenizer.json", "tokenizer_config.json"].iter().map(|f| dir.join(f)).filter(|p| p.exists()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reports how many devices the group got.
+    struct Count;
+    impl OnTrainBackend for Count {
+        type Output = usize;
+        fn run<B: AutodiffBackend>(self, _device: B::Device) -> Result<usize> {
+            Ok(1)
+        }
+        fn run_group<B: AutodiffBackend>(self, devices: Vec<B::Device>) -> Result<usize> {
+            Ok(devices.len())
+        }
+    }
+
+    /// Uses the default `run_group`: one device only.
+    struct Single;
+    impl OnTrainBackend for Single {
+        type Output = ();
+        fn run<B: AutodiffBackend>(self, _device: B::Device) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn device_groups_are_parsed_and_checked() {
+        let cpus = device_group("cpu", &["cpu".into(), "cpu".into(), "cpu".into()]).unwrap();
+        assert_eq!(dispatch_train_group(&cpus, Count).unwrap(), 3);
+        assert_eq!(device_group("cuda:1", &[]).unwrap(), vec![DeviceSpec::Cuda(1)]);
+        let bad = device_group("cpu", &["cpu".into(), "tpu".into()]).unwrap_err().to_string();
+        assert!(bad.contains("tpu"), "{bad}");
+        let mixed = dispatch_train_group(&[DeviceSpec::Cpu, DeviceSpec::Cuda(0)], Count).unwrap_err().to_string();
+        assert!(mixed.contains("mixes cpu and cuda"), "{mixed}");
+        let single = dispatch_train_group(&cpus, Single).unwrap_err().to_string();
+        assert!(single.contains("one device") && single.contains('3'), "{single}");
+    }
 }

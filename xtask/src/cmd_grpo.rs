@@ -15,7 +15,8 @@ use thinkjson_model::{DeviceSpec, LoraConfig, Tokenizer};
 use thinkjson_reward::{FeedbackReward, Review, RewardSet};
 
 use crate::train_common::LoraArgs;
-use crate::backend::{dispatch_train, load_or_init, tokenizer_dir, tokenizer_files, OnTrainBackend};
+use crate::backend::{dispatch_train_group, load_or_init, tokenizer_dir, tokenizer_files, OnTrainBackend};
+use thinkjson_model::train::{run_in_process, Collective, Solo};
 use crate::cmd_decode::chat_template;
 use crate::cmd_sft::read_rows;
 use crate::metrics_log::{step_bar, MetricsLog};
@@ -45,6 +46,11 @@ pub struct GrpoArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long)]
     device: Option<DeviceSpec>,
+    /// Data-parallel over these devices, one peer each: `cpu,cpu` (threads of this process)
+    /// or `cuda:0,cuda:1,…`. `prompts_per_step` stays the whole batch; its prompt groups are
+    /// dealt to the peers. Overrides --device.
+    #[arg(long, value_delimiter = ',')]
+    devices: Vec<DeviceSpec>,
     /// Reviewers' verdicts (JSONL, the `reward` crate's review format) added as the `feedback` reward.
     #[arg(long)]
     feedback: Option<PathBuf>,
@@ -90,6 +96,9 @@ pub struct GrpoFile {
     pub feedback: Option<PathBuf>,
     pub out: PathBuf,
     pub device: String,
+    /// Data-parallel peers, one per device (`["cpu", "cpu"]`, `["cuda:0", "cuda:1"]`);
+    /// empty: `device` alone.
+    pub devices: Vec<String>,
     pub train: GrpoConfig,
 }
 
@@ -107,6 +116,7 @@ impl Default for GrpoFile {
             feedback: None,
             out: PathBuf::from("runs/grpo"),
             device: "cpu".into(),
+            devices: Vec::new(),
             train: GrpoConfig::default(),
         }
     }
@@ -146,6 +156,10 @@ impl GrpoFile {
         set!(t.seed, a.seed);
         if let Some(d) = a.device {
             self.device = d.to_string();
+            self.devices.clear();
+        }
+        if !a.devices.is_empty() {
+            self.devices = a.devices.iter().map(ToString::to_string).collect();
         }
     }
 }
@@ -178,7 +192,7 @@ pub fn run_grpo(file: &GrpoFile, resume: bool, export_samples: Option<&Path>) ->
     crate::train_common::resolve_lora(&file.lora, &mut file.train.lora)?;
     let file = &file;
     file.train.validate()?;
-    let device: DeviceSpec = file.device.parse()?;
+    let devices = crate::backend::device_group(&file.device, &file.devices)?;
     let Some(data) = file.data.clone() else {
         bail!("no prompts: set `data` in the config or pass --data FILE.jsonl");
     };
@@ -230,9 +244,9 @@ pub fn run_grpo(file: &GrpoFile, resume: bool, export_samples: Option<&Path>) ->
         tokenizer,
         prompts,
         rewards,
-        export,
+        export: std::sync::Mutex::new(export),
     };
-    dispatch_train(device, job)
+    dispatch_train_group(&devices, job)
 }
 
 #[derive(Debug, Serialize)]
@@ -252,33 +266,55 @@ struct GrpoJob {
     prompts: Vec<GrpoPrompt>,
     rewards: RewardSet,
     run: GrpoRun,
-    export: Option<std::fs::File>,
+    /// Taken by rank 0's observer.
+    export: std::sync::Mutex<Option<std::fs::File>>,
 }
 
 impl OnTrainBackend for GrpoJob {
     type Output = RunSummary;
     fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<RunSummary> {
-        let model = load_or_init::<B>(self.file.model.as_deref(), self.file.adapter.as_deref(), self.file.preset.as_deref(), self.file.init_seed, &self.tokenizer, &device)?;
+        self.run_group::<B>(vec![device])
+    }
+
+    fn run_group<B: AutodiffBackend>(self, devices: Vec<B::Device>) -> Result<RunSummary> {
         let metrics_path = self.file.out.join("metrics.jsonl");
-        let mut observer = CliObserver {
-            metrics: MetricsLog::new(&metrics_path),
-            samples: MetricsLog::new(&self.file.out.join("samples.jsonl")),
-            export: self.export,
-            bar: ProgressBar::hidden(),
-        };
-        let (model, summary) = thinkjson_grpo::train(model, &self.tokenizer, &self.prompts, &self.rewards, &self.run, &mut observer)?;
-        observer.bar.finish_and_clear();
         let final_dir = self.file.out.join("final");
-        crate::train_common::save_final(&model, &final_dir, &self.run.extra_files, self.file.model.as_deref())?;
-        Ok(RunSummary {
-            last_step: summary.last_step,
-            total_steps: summary.info.total_steps,
-            start_step: summary.info.start_step,
-            first_reward: summary.reward_means.first().copied(),
-            last_reward: summary.reward_means.last().copied(),
-            final_model: final_dir,
-            metrics: metrics_path,
-        })
+        let peer = |rank: usize, device: &B::Device, collective: &mut dyn Collective<B::InnerBackend>| -> Result<Option<RunSummary>> {
+            let f = &self.file;
+            let model = load_or_init::<B>(f.model.as_deref(), f.adapter.as_deref(), f.preset.as_deref(), f.init_seed, &self.tokenizer, device)?;
+            // Rank 0 reports, writes checkpoints and the final model; the others only train.
+            let mut observer = (rank == 0).then(|| CliObserver {
+                metrics: MetricsLog::new(&metrics_path),
+                samples: MetricsLog::new(&f.out.join("samples.jsonl")),
+                export: self.export.lock().ok().and_then(|mut e| e.take()),
+                bar: ProgressBar::hidden(),
+            });
+            let observing: &mut dyn Observer = match observer.as_mut() {
+                Some(o) => o,
+                None => &mut (),
+            };
+            let (model, summary) = thinkjson_grpo::train_data_parallel(model, &self.tokenizer, &self.prompts, &self.rewards, &self.run, observing, collective)
+                .with_context(|| format!("grpo peer {rank} of {}", collective.world_size()))?;
+            let Some(observer) = observer else { return Ok(None) };
+            observer.bar.finish_and_clear();
+            crate::train_common::save_final(&model, &final_dir, &self.run.extra_files, f.model.as_deref())?;
+            Ok(Some(RunSummary {
+                last_step: summary.last_step,
+                total_steps: summary.info.total_steps,
+                start_step: summary.info.start_step,
+                first_reward: summary.reward_means.first().copied(),
+                last_reward: summary.reward_means.last().copied(),
+                final_model: final_dir.clone(),
+                metrics: metrics_path.clone(),
+            }))
+        };
+        let mut outcomes = if devices.len() == 1 {
+            vec![peer(0, &devices[0], &mut Solo)?]
+        } else {
+            eprintln!("grpo: data-parallel over {} peers", devices.len());
+            run_in_process::<B::InnerBackend, _, _, _>(&devices, peer)?
+        };
+        outcomes.swap_remove(0).context("rank 0 returned no summary")
     }
 }
 

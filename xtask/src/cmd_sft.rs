@@ -8,12 +8,13 @@ use clap::Args;
 use indicatif::ProgressBar;
 use serde::{Deserialize, Serialize};
 use thinkjson_model::burn::tensor::backend::AutodiffBackend;
+use thinkjson_model::train::{run_in_process, Collective, Solo};
 use thinkjson_model::{DeviceSpec, LoraConfig, Tokenizer};
 use thinkjson_sft::{Control, Encoder, EvalMetrics, Observer, RunInfo, SftConfig, SftExample, SftRun, StepMetrics};
 use thinkjson_synth::Row;
 
 use crate::train_common::LoraArgs;
-use crate::backend::{dispatch_train, load_or_init, tokenizer_dir, tokenizer_files, OnTrainBackend};
+use crate::backend::{dispatch_train_group, load_or_init, tokenizer_dir, tokenizer_files, OnTrainBackend};
 use crate::cmd_decode::chat_template;
 use crate::metrics_log::MetricsLog;
 
@@ -44,6 +45,11 @@ pub struct SftArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long)]
     device: Option<DeviceSpec>,
+    /// Data-parallel over these devices, one peer each: `cpu,cpu` (threads of this process)
+    /// or `cuda:0,cuda:1,…`. `batch_size` stays the global batch; each step's rows are dealt
+    /// to the peers. Overrides --device.
+    #[arg(long, value_delimiter = ',')]
+    devices: Vec<DeviceSpec>,
     #[arg(long)]
     lr: Option<f64>,
     #[arg(long)]
@@ -88,6 +94,9 @@ pub struct SftFile {
     pub eval_rows: usize,
     pub out: PathBuf,
     pub device: String,
+    /// Data-parallel peers, one per device (`["cpu", "cpu"]`, `["cuda:0", "cuda:1"]`);
+    /// empty: `device` alone.
+    pub devices: Vec<String>,
     pub train: SftConfig,
 }
 
@@ -105,6 +114,7 @@ impl Default for SftFile {
             eval_rows: 64,
             out: PathBuf::from("runs/sft"),
             device: "cpu".into(),
+            devices: Vec::new(),
             train: SftConfig::default(),
         }
     }
@@ -148,6 +158,10 @@ impl SftFile {
         }
         if let Some(d) = a.device {
             self.device = d.to_string();
+            self.devices.clear();
+        }
+        if !a.devices.is_empty() {
+            self.devices = a.devices.iter().map(ToString::to_string).collect();
         }
     }
 }
@@ -179,7 +193,7 @@ pub fn run_sft(file: &SftFile, resume: bool) -> Result<RunSummary> {
     crate::train_common::resolve_lora(&file.lora, &mut file.train.lora)?;
     let file = &file;
     file.train.validate()?;
-    let device: DeviceSpec = file.device.parse()?;
+    let devices = crate::backend::device_group(&file.device, &file.devices)?;
     let Some(data) = file.data.clone() else {
         bail!("no training data: set `data` in the config or pass --data FILE.jsonl");
     };
@@ -220,7 +234,7 @@ pub fn run_sft(file: &SftFile, resume: bool) -> Result<RunSummary> {
             resume,
         },
     };
-    dispatch_train(device, job)
+    dispatch_train_group(&devices, job)
 }
 
 /// Synth JSONL rows; malformed lines are reported and skipped.
@@ -261,22 +275,43 @@ struct SftJob {
 impl OnTrainBackend for SftJob {
     type Output = RunSummary;
     fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<RunSummary> {
-        let model = load_or_init::<B>(self.file.model.as_deref(), self.file.adapter.as_deref(), self.file.preset.as_deref(), self.file.init_seed, &self.tokenizer, &device)?;
+        self.run_group::<B>(vec![device])
+    }
+
+    fn run_group<B: AutodiffBackend>(self, devices: Vec<B::Device>) -> Result<RunSummary> {
         let metrics_path = self.file.out.join("metrics.jsonl");
-        let mut observer = CliObserver::new(&metrics_path)?;
-        let (model, summary) = thinkjson_sft::train(model, &self.tokenizer, &self.train, &self.eval, &self.run, &mut observer)?;
-        observer.finish();
         let final_dir = self.file.out.join("final");
-        crate::train_common::save_final(&model, &final_dir, &self.run.extra_files, self.file.model.as_deref())?;
-        Ok(RunSummary {
-            last_step: summary.last_step,
-            total_steps: summary.info.total_steps,
-            start_step: summary.info.start_step,
-            last_loss: summary.losses.last().copied(),
-            final_eval: summary.final_eval,
-            final_model: final_dir,
-            metrics: metrics_path,
-        })
+        let peer = |rank: usize, device: &B::Device, collective: &mut dyn Collective<B::InnerBackend>| -> Result<Option<RunSummary>> {
+            let f = &self.file;
+            let model = load_or_init::<B>(f.model.as_deref(), f.adapter.as_deref(), f.preset.as_deref(), f.init_seed, &self.tokenizer, device)?;
+            // Rank 0 reports, writes checkpoints and the final model; the others only train.
+            let mut observer = if rank == 0 { Some(CliObserver::new(&metrics_path)?) } else { None };
+            let observing: &mut dyn Observer = match observer.as_mut() {
+                Some(o) => o,
+                None => &mut (),
+            };
+            let (model, summary) = thinkjson_sft::train_data_parallel(model, &self.tokenizer, &self.train, &self.eval, &self.run, observing, collective)
+                .with_context(|| format!("sft peer {rank} of {}", collective.world_size()))?;
+            let Some(observer) = observer else { return Ok(None) };
+            observer.finish();
+            crate::train_common::save_final(&model, &final_dir, &self.run.extra_files, f.model.as_deref())?;
+            Ok(Some(RunSummary {
+                last_step: summary.last_step,
+                total_steps: summary.info.total_steps,
+                start_step: summary.info.start_step,
+                last_loss: summary.losses.last().copied(),
+                final_eval: summary.final_eval,
+                final_model: final_dir.clone(),
+                metrics: metrics_path.clone(),
+            }))
+        };
+        let mut outcomes = if devices.len() == 1 {
+            vec![peer(0, &devices[0], &mut Solo)?]
+        } else {
+            eprintln!("sft: data-parallel over {} peers", devices.len());
+            run_in_process::<B::InnerBackend, _, _, _>(&devices, peer)?
+        };
+        outcomes.swap_remove(0).context("rank 0 returned no summary")
     }
 }
 

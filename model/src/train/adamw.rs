@@ -83,8 +83,14 @@ impl<B: AutodiffBackend> AdamW<B> {
 
     /// One update with learning rate `lr`. Non-finite gradients are an error and leave the
     /// model and the optimiser state untouched.
-    pub fn step<M: AutodiffModule<B>>(&mut self, lr: f64, model: M, mut grads: GradientsParams) -> Result<(M, StepReport)> {
+    pub fn step<M: AutodiffModule<B>>(&mut self, lr: f64, model: M, grads: GradientsParams) -> Result<(M, StepReport)> {
         let grad_norm = Self::grad_norm(&model, &grads);
+        self.step_with_norm(lr, model, grads, grad_norm)
+    }
+
+    /// [`AdamW::step`] with the global norm already measured: data-parallel peers clip by one
+    /// agreed value (a parallel sum on two peers can differ in its last bit).
+    pub fn step_with_norm<M: AutodiffModule<B>>(&mut self, lr: f64, model: M, mut grads: GradientsParams, grad_norm: f64) -> Result<(M, StepReport)> {
         if !grad_norm.is_finite() {
             return Err(ModelError::NonFinite(format!(
                 "gradient norm is {grad_norm} at optimiser step {}",

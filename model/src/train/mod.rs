@@ -15,9 +15,14 @@
 //!
 //! [`start_or_resume`] and [`save_if_due`] are the skeleton around that loop: fresh run or
 //! exact resume (full weights, or LoRA adapters onto the frozen base), and checkpoints.
+//!
+//! Data parallelism ([`Collective`], [`run_in_process`]): between steps 1 and 2 the peers sum
+//! their gradients with [`all_reduce_step`] and clip by [`agreed_grad_norm`]; [`Solo`] is the
+//! one-device group.
 
 mod adamw;
 mod checkpoint;
+mod collective;
 mod config;
 pub mod memory;
 mod schedule;
@@ -25,6 +30,7 @@ mod session;
 
 pub use adamw::{AdamW, AdamWConfig, StepReport};
 pub use checkpoint::{copy_into, read_trainer_state, write_training_state, Checkpoints, OPTIMIZER_FILE, TRAINER_STATE_FILE};
+pub use collective::{agreed_grad_norm, all_reduce_scalar, all_reduce_step, check_in_sync, run_in_process, BurnPeer, Collective, Solo, StepTotals};
 pub use config::TrainSettings;
 pub use schedule::{Decay, LrSchedule};
 pub use session::{attach_lora, restore_model, save_if_due, seed_step, start_or_resume, Control, Resumed, RunFiles};

@@ -20,6 +20,9 @@ pub struct PipelineFile {
     pub order: StageOrder,
     /// cpu, cuda or cuda:N.
     pub device: String,
+    /// Data-parallel peers of the SFT and GRPO stages, one per device (`["cpu", "cpu"]`,
+    /// `["cuda:0", "cuda:1"]`); empty: `device` alone. Eval runs on `device`.
+    pub devices: Vec<String>,
     pub synth: SynthSection,
     pub tokenizer: TokenizerSection,
     pub model: ModelSection,
@@ -156,6 +159,7 @@ impl Default for PipelineFile {
             out: PathBuf::from("runs/pipeline"),
             order: StageOrder::SftThenGrpo,
             device: "cpu".into(),
+            devices: Vec::new(),
             synth: SynthSection::default(),
             tokenizer: TokenizerSection::default(),
             model: ModelSection::default(),

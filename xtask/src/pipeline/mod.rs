@@ -41,6 +41,9 @@ pub struct PipelineArgs {
     /// cpu, cuda or cuda:N (overrides `device`).
     #[arg(long)]
     device: Option<DeviceSpec>,
+    /// Data-parallel SFT and GRPO over these devices: `cpu,cpu` or `cuda:0,cuda:1,…` (overrides `devices`).
+    #[arg(long, value_delimiter = ',')]
+    devices: Vec<DeviceSpec>,
 }
 
 pub const STAGES: [&str; 6] = ["synth", "tokenizer", "model", "sft", "grpo", "eval"];
@@ -63,6 +66,9 @@ pub fn pipeline(args: PipelineArgs) -> Result<()> {
     }
     if let Some(d) = args.device {
         file.device = d.to_string();
+    }
+    if !args.devices.is_empty() {
+        file.devices = args.devices.iter().map(ToString::to_string).collect();
     }
     file.resolve_lora()?;
     let selected: Vec<String> = args.stages.clone().unwrap_or_else(|| STAGES.iter().map(|s| s.to_string()).collect());
@@ -134,6 +140,7 @@ fn check_before_work(file: &PipelineFile, selected: &[String], resume: bool) -> 
     file.sft.validate().context("[sft]")?;
     file.grpo.validate().context("[grpo]")?;
     let _: DeviceSpec = file.device.parse()?;
+    crate::backend::device_group(&file.device, &file.devices).context("devices")?;
     if let Some(dir) = stages::own_hf_dir(file) {
         for needed in ["config.json", "tokenizer.json"] {
             if !dir.join(needed).exists() {
@@ -272,6 +279,7 @@ fn run_stage(file: &PipelineFile, stage: &str, resume: bool) -> Result<Value> {
                 eval_rows: file.eval.loss_rows,
                 out: out.join("sft"),
                 device: file.device.clone(),
+                devices: file.devices.clone(),
                 train: file.sft.clone(),
                 ..SftFile::default()
             };
@@ -287,6 +295,7 @@ fn run_stage(file: &PipelineFile, stage: &str, resume: bool) -> Result<Value> {
                 data: Some(stages::split_path(out, Split::Grpo)),
                 out: out.join("grpo"),
                 device: file.device.clone(),
+                devices: file.devices.clone(),
                 train: file.grpo.clone(),
                 ..GrpoFile::default()
             };

@@ -256,6 +256,12 @@ pub fn train_data_parallel<B: AutodiffBackend>(
     let leader = rank == 0;
     let config = &run.config;
     config.validate()?;
+    if config.prompts_per_step < world {
+        return Err(GrpoError::Config {
+            field: "prompts_per_step",
+            reason: format!("{} prompt groups per step cannot be shared by {world} peers (each samples whole groups)", config.prompts_per_step),
+        });
+    }
     if prompts.is_empty() {
         return Err(GrpoError::Data("no prompts".into()));
     }

@@ -324,4 +324,22 @@ mod grpo {
         let lora = LoraConfig { r: 4, alpha: 16.0, ..LoraConfig::default() };
         check(config(LossType::Grpo, ScaleRewards::Group, Some(lora), 0.05, 1), "LoRA, grpo, β 0.05");
     }
+
+    /// A peer without a prompt group of its own is refused before any work, on every peer.
+    #[test]
+    fn fewer_prompt_groups_than_peers_are_refused() {
+        let data = prompts(4);
+        let tok = super::tokenizer();
+        let dir = tempfile::tempdir().expect("tmp");
+        let config = GrpoConfig { prompts_per_step: 1, ..config(LossType::Dapo, ScaleRewards::Group, None, 0.0, 1) };
+        let run = GrpoRun { config, checkpoint_root: dir.path().to_path_buf(), extra_files: Vec::new(), resume: false };
+        let devices = vec![Default::default(); 2];
+        let err = run_in_process::<Inner, _, _, _>(&devices, |_, _, peer| {
+            train_data_parallel(model(), &tok, &data, &rewards(), &run, &mut (), peer)?;
+            Ok::<_, GrpoError>(())
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("prompts_per_step") && err.contains("2 peers"), "{err}");
+    }
 }

@@ -279,7 +279,7 @@ impl OnTrainBackend for GrpoJob {
     fn run_group<B: AutodiffBackend>(self, devices: Vec<B::Device>) -> Result<RunSummary> {
         let metrics_path = self.file.out.join("metrics.jsonl");
         let final_dir = self.file.out.join("final");
-        let peer = |rank: usize, device: &B::Device, collective: &mut dyn Collective<B::InnerBackend>| -> Result<Option<RunSummary>> {
+        let peer = |rank: usize, device: &B::Device, collective: &mut dyn Collective<B::InnerBackend>| -> Result<RunSummary> {
             let f = &self.file;
             let model = load_or_init::<B>(f.model.as_deref(), f.adapter.as_deref(), f.preset.as_deref(), f.init_seed, &self.tokenizer, device)?;
             // Rank 0 reports, writes checkpoints and the final model; the others only train.
@@ -295,10 +295,11 @@ impl OnTrainBackend for GrpoJob {
             };
             let (model, summary) = thinkjson_grpo::train_data_parallel(model, &self.tokenizer, &self.prompts, &self.rewards, &self.run, observing, collective)
                 .with_context(|| format!("grpo peer {rank} of {}", collective.world_size()))?;
-            let Some(observer) = observer else { return Ok(None) };
-            observer.bar.finish_and_clear();
-            crate::train_common::save_final(&model, &final_dir, &self.run.extra_files, f.model.as_deref())?;
-            Ok(Some(RunSummary {
+            if let Some(observer) = observer {
+                observer.bar.finish_and_clear();
+                crate::train_common::save_final(&model, &final_dir, &self.run.extra_files, f.model.as_deref())?;
+            }
+            Ok(RunSummary {
                 last_step: summary.last_step,
                 total_steps: summary.info.total_steps,
                 start_step: summary.info.start_step,
@@ -306,15 +307,21 @@ impl OnTrainBackend for GrpoJob {
                 last_reward: summary.reward_means.last().copied(),
                 final_model: final_dir.clone(),
                 metrics: metrics_path.clone(),
-            }))
+            })
         };
-        let mut outcomes = if devices.len() == 1 {
+        let mut outcomes = if let Some(rendezvous) = crate::launch::current() {
+            if devices.len() != 1 {
+                anyhow::bail!("a launched process is one peer on one device; --devices groups the devices of one process");
+            }
+            let mut tcp = crate::launch::TcpPeer::join(rendezvous)?;
+            vec![peer(rendezvous.rank, &devices[0], &mut tcp)?]
+        } else if devices.len() == 1 {
             vec![peer(0, &devices[0], &mut Solo)?]
         } else {
             eprintln!("grpo: data-parallel over {} peers", devices.len());
             run_in_process::<B::InnerBackend, _, _, _>(&devices, peer)?
         };
-        outcomes.swap_remove(0).context("rank 0 returned no summary")
+        Ok(outcomes.swap_remove(0))
     }
 }
 

@@ -281,7 +281,7 @@ impl OnTrainBackend for SftJob {
     fn run_group<B: AutodiffBackend>(self, devices: Vec<B::Device>) -> Result<RunSummary> {
         let metrics_path = self.file.out.join("metrics.jsonl");
         let final_dir = self.file.out.join("final");
-        let peer = |rank: usize, device: &B::Device, collective: &mut dyn Collective<B::InnerBackend>| -> Result<Option<RunSummary>> {
+        let peer = |rank: usize, device: &B::Device, collective: &mut dyn Collective<B::InnerBackend>| -> Result<RunSummary> {
             let f = &self.file;
             let model = load_or_init::<B>(f.model.as_deref(), f.adapter.as_deref(), f.preset.as_deref(), f.init_seed, &self.tokenizer, device)?;
             // Rank 0 reports, writes checkpoints and the final model; the others only train.
@@ -292,10 +292,11 @@ impl OnTrainBackend for SftJob {
             };
             let (model, summary) = thinkjson_sft::train_data_parallel(model, &self.tokenizer, &self.train, &self.eval, &self.run, observing, collective)
                 .with_context(|| format!("sft peer {rank} of {}", collective.world_size()))?;
-            let Some(observer) = observer else { return Ok(None) };
-            observer.finish();
-            crate::train_common::save_final(&model, &final_dir, &self.run.extra_files, f.model.as_deref())?;
-            Ok(Some(RunSummary {
+            if let Some(observer) = observer {
+                observer.finish();
+                crate::train_common::save_final(&model, &final_dir, &self.run.extra_files, f.model.as_deref())?;
+            }
+            Ok(RunSummary {
                 last_step: summary.last_step,
                 total_steps: summary.info.total_steps,
                 start_step: summary.info.start_step,
@@ -303,15 +304,21 @@ impl OnTrainBackend for SftJob {
                 final_eval: summary.final_eval,
                 final_model: final_dir.clone(),
                 metrics: metrics_path.clone(),
-            }))
+            })
         };
-        let mut outcomes = if devices.len() == 1 {
+        let mut outcomes = if let Some(rendezvous) = crate::launch::current() {
+            if devices.len() != 1 {
+                anyhow::bail!("a launched process is one peer on one device; --devices groups the devices of one process");
+            }
+            let mut tcp = crate::launch::TcpPeer::join(rendezvous)?;
+            vec![peer(rendezvous.rank, &devices[0], &mut tcp)?]
+        } else if devices.len() == 1 {
             vec![peer(0, &devices[0], &mut Solo)?]
         } else {
             eprintln!("sft: data-parallel over {} peers", devices.len());
             run_in_process::<B::InnerBackend, _, _, _>(&devices, peer)?
         };
-        outcomes.swap_remove(0).context("rank 0 returned no summary")
+        Ok(outcomes.swap_remove(0))
     }
 }
 

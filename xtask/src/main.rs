@@ -21,6 +21,7 @@ mod pipeline;
 mod cmd_eval;
 mod cmd_synth;
 mod serve;
+mod launch;
 
 use std::process::ExitCode;
 
@@ -79,6 +80,8 @@ enum Verb {
     Pipeline(pipeline::PipelineArgs),
     /// Run benchmarks and print the figures (and write them as JSON).
     Bench(bench::BenchArgs),
+    /// One process of a multi-process data-parallel `sft`/`grpo` run: rendezvous, token, rank.
+    Launch(launch::LaunchArgs),
     /// Serve a model over OpenAI's HTTP API (chat/completions, completions, models) with continuous batching, JSON-Schema output and reasoning-then-JSON.
     Serve(serve::ServeArgs),
 }
@@ -96,7 +99,17 @@ pub fn print_out(text: &str) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     keep_freed_memory();
     let cli = Cli::parse();
-    let result = match cli.verb {
+    match run_verb(cli.verb) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_verb(verb: Verb) -> anyhow::Result<()> {
+    match verb {
         Verb::Logits(a) => cmd_model::logits(a),
         Verb::InitModel(a) => cmd_model::init(a),
         Verb::MergeLora(a) => cmd_model::merge_lora(a),
@@ -112,13 +125,7 @@ fn main() -> ExitCode {
         Verb::Grpo(a) => cmd_grpo::grpo(a),
         Verb::Pipeline(a) => pipeline::pipeline(a),
         Verb::Bench(a) => bench::run(a),
+        Verb::Launch(a) => launch::launch(a),
         Verb::Serve(a) => serve::serve(a),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
     }
 }

@@ -57,3 +57,23 @@ pub fn logits_of<B: Backend>(model: &thinkjson_model::CausalLm<B>, tokens: &[u32
     let batch = thinkjson_model::TokenBatch::new(&[tokens.to_vec()], thinkjson_model::Padding::Right, 0).expect("batch");
     to_vec(model.forward(&batch).expect("forward"))
 }
+
+/// An easy verifiable task: answer `{"ok":true}`; schema-constrained rollouts make every
+/// completion valid JSON, and the `match` reward is 1 for `true` and 0 for `false`.
+pub fn bool_prompts(n: usize) -> Vec<thinkjson_grpo::GrpoPrompt> {
+    let schema = serde_json::json!({"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": false});
+    (0..n)
+        .map(|i| thinkjson_grpo::GrpoPrompt {
+            id: format!("p{i}"),
+            prompt: (0..4 + i % 3).map(|j| ((i * 17 + j * 5) % 2000 + 3) as u32).collect(),
+            schema: schema.clone(),
+            reference: Some(serde_json::json!({"ok": true})),
+        })
+        .collect()
+}
+
+/// Rewards the `match` score alone.
+pub fn match_only() -> thinkjson_reward::RewardSet {
+    let zero = thinkjson_reward::RewardWeights { format: 0.0, json_valid: 0.0, schema: 0.0, field_match: 1.0, noise: 0.0, length: 0.0, feedback: 0.0, ..thinkjson_reward::RewardWeights::default() };
+    thinkjson_reward::RewardSet::from_weights(&zero)
+}

@@ -218,13 +218,12 @@ fn drifted_weights_are_caught() {
 }
 
 mod grpo {
-    use super::{weights, Inner, B};
-    use serde_json::json;
+    use super::{common, weights, Inner, B};
     use thinkjson_grpo::{train, train_data_parallel, Control, GrpoConfig, GrpoError, GrpoPrompt, GrpoRun, LossType, Observer, RolloutConstraint, ScaleRewards, StepMetrics};
     use thinkjson_model::lora::LoraConfig;
     use thinkjson_model::train::run_in_process;
     use thinkjson_model::{CausalLm, ModelConfig};
-    use thinkjson_reward::{RewardSet, RewardWeights};
+    use thinkjson_reward::RewardSet;
 
     /// The tiny preset with the Qwen vocabulary (constrained decoding needs every id).
     fn model() -> CausalLm<B> {
@@ -232,20 +231,11 @@ mod grpo {
     }
 
     fn prompts(n: usize) -> Vec<GrpoPrompt> {
-        let schema = json!({"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": false});
-        (0..n)
-            .map(|i| GrpoPrompt {
-                id: format!("p{i}"),
-                prompt: (0..4 + i % 3).map(|j| ((i * 17 + j * 5) % 2000 + 3) as u32).collect(),
-                schema: schema.clone(),
-                reference: Some(json!({"ok": true})),
-            })
-            .collect()
+        common::bool_prompts(n)
     }
 
     fn rewards() -> RewardSet {
-        let w = RewardWeights { format: 0.0, json_valid: 0.0, schema: 0.0, field_match: 1.0, noise: 0.0, length: 0.0, feedback: 0.0, ..RewardWeights::default() };
-        RewardSet::from_weights(&w)
+        common::match_only()
     }
 
     /// 4 prompts per batch in 2 micro-batches: each micro-batch holds one prompt of each

@@ -6,7 +6,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{assets, fixtures, logits_of, max_abs_diff, read_json};
+use common::{assets, bool_prompts, fixtures, logits_of, match_only, max_abs_diff, read_json};
 use serde_json::{json, Value};
 use thinkjson_decode::Generator;
 use thinkjson_model::burn::module::AutodiffModule;
@@ -19,7 +19,7 @@ use thinkjson_grpo::{
 };
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use thinkjson_reward::{Context, Parsed, RewardFn, RewardSet, RewardWeights, Score, ValidatorCache};
+use thinkjson_reward::{Context, Parsed, RewardFn, RewardSet, Score, ValidatorCache};
 
 type B = CpuTrainBackend;
 
@@ -137,25 +137,6 @@ fn tokenizer() -> Tokenizer {
 fn small_model(seed: u64) -> CausalLm<B> {
     let config = ModelConfig::preset("tiny").expect("tiny");
     CausalLm::random(&config, seed, &Default::default()).expect("model")
-}
-
-/// An easy verifiable task: answer `{"ok":true}`; schema-constrained rollouts make every
-/// completion valid JSON, and the `match` reward is 1 for `true` and 0 for `false`.
-fn bool_prompts(n: usize) -> Vec<GrpoPrompt> {
-    let schema = json!({"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": false});
-    (0..n)
-        .map(|i| GrpoPrompt {
-            id: format!("p{i}"),
-            prompt: (0..4 + i % 3).map(|j| ((i * 17 + j * 5) % 2000 + 3) as u32).collect(),
-            schema: schema.clone(),
-            reference: Some(json!({"ok": true})),
-        })
-        .collect()
-}
-
-fn match_only() -> RewardSet {
-    let zero = RewardWeights { format: 0.0, json_valid: 0.0, schema: 0.0, field_match: 1.0, noise: 0.0, length: 0.0, feedback: 0.0, ..RewardWeights::default() };
-    RewardSet::from_weights(&zero)
 }
 
 fn bool_config() -> GrpoConfig {

@@ -100,6 +100,32 @@ pub fn device_group(device: &str, devices: &[String]) -> Result<Vec<DeviceSpec>>
     devices.iter().map(|d| Ok(d.parse()?)).collect()
 }
 
+/// Runs `peer(rank, device, collective)` for this process's share of a run and returns rank
+/// 0's result (or, in a launched process, this process's): one peer on one device alone, one
+/// peer of a multi-process run started by `cargo xtask launch`, or one thread per device in
+/// an in-process group.
+pub fn run_peers<B, T, F>(stage: &str, devices: &[B::Device], peer: F) -> Result<T>
+where
+    B: AutodiffBackend,
+    T: Send,
+    F: Fn(usize, &B::Device, &mut dyn thinkjson_model::train::Collective<B::InnerBackend>) -> Result<T> + Sync,
+{
+    let first = devices.first().ok_or_else(|| anyhow::anyhow!("no device given"))?;
+    let mut outcomes = if let Some(rendezvous) = crate::launch::current() {
+        if devices.len() != 1 {
+            anyhow::bail!("a launched process is one peer on one device; --devices groups the devices of one process");
+        }
+        let mut tcp = crate::launch::TcpPeer::join(rendezvous)?;
+        vec![peer(rendezvous.rank, first, &mut tcp)?]
+    } else if devices.len() == 1 {
+        vec![peer(0, first, &mut thinkjson_model::train::Solo)?]
+    } else {
+        eprintln!("{stage}: data-parallel over {} peers", devices.len());
+        thinkjson_model::train::run_in_process::<B::InnerBackend, _, _, _>(devices, peer)?
+    };
+    Ok(outcomes.swap_remove(0))
+}
+
 /// The model to train: an HF directory, a GGUF file or an embedded model name (see
 /// [`crate::model_ref`]), or seeded random weights of a preset sized for the tokenizer's
 /// vocabulary.

@@ -15,8 +15,8 @@ use thinkjson_model::{DeviceSpec, LoraConfig, Tokenizer};
 use thinkjson_reward::{FeedbackReward, Review, RewardSet};
 
 use crate::train_common::LoraArgs;
-use crate::backend::{dispatch_train_group, load_or_init, tokenizer_dir, tokenizer_files, OnTrainBackend};
-use thinkjson_model::train::{run_in_process, Collective, Solo};
+use crate::backend::{dispatch_train_group, load_or_init, run_peers, tokenizer_dir, tokenizer_files, OnTrainBackend};
+use thinkjson_model::train::Collective;
 use crate::cmd_decode::chat_template;
 use crate::cmd_sft::read_rows;
 use crate::metrics_log::{step_bar, MetricsLog};
@@ -309,19 +309,7 @@ impl OnTrainBackend for GrpoJob {
                 metrics: metrics_path.clone(),
             })
         };
-        let mut outcomes = if let Some(rendezvous) = crate::launch::current() {
-            if devices.len() != 1 {
-                anyhow::bail!("a launched process is one peer on one device; --devices groups the devices of one process");
-            }
-            let mut tcp = crate::launch::TcpPeer::join(rendezvous)?;
-            vec![peer(rendezvous.rank, &devices[0], &mut tcp)?]
-        } else if devices.len() == 1 {
-            vec![peer(0, &devices[0], &mut Solo)?]
-        } else {
-            eprintln!("grpo: data-parallel over {} peers", devices.len());
-            run_in_process::<B::InnerBackend, _, _, _>(&devices, peer)?
-        };
-        Ok(outcomes.swap_remove(0))
+        run_peers::<B, _, _>("grpo", &devices, peer)
     }
 }
 

@@ -125,16 +125,18 @@ fn two_peers_with_half_of_each_step_train_the_weights_of_one_peer() {
 fn only_rank_zero_writes_checkpoints() {
     let data = examples(20);
     let tok = tokenizer();
-    let dir = tempfile::tempdir().expect("tmp");
-    let spec = run(dir.path(), SftConfig { save_every: 1, ..config(None) });
+    // Each rank gets its own checkpoint root, so a write by rank 1 would show.
+    let dirs = [tempfile::tempdir().expect("tmp"), tempfile::tempdir().expect("tmp")];
+    let specs: Vec<SftRun> = dirs.iter().map(|d| run(d.path(), SftConfig { save_every: 1, ..config(None) })).collect();
     let devices = vec![Default::default(); 2];
-    run_in_process::<Inner, _, _, _>(&devices, |_, _, peer| {
-        train_data_parallel(model(), &tok, &data, &[], &spec, &mut (), peer)?;
+    run_in_process::<Inner, _, _, _>(&devices, |rank, _, peer| {
+        train_data_parallel(model(), &tok, &data, &[], &specs[rank], &mut (), peer)?;
         Ok::<_, SftError>(())
     })
     .expect("two peers");
-    let steps: Vec<u64> = Checkpoints::new(dir.path(), 0).list().expect("list").into_iter().map(|(s, _)| s).collect();
-    assert_eq!(steps, vec![1, 2, 3]);
+    let steps = |d: &tempfile::TempDir| -> Vec<u64> { Checkpoints::new(d.path(), 0).list().expect("list").into_iter().map(|(s, _)| s).collect() };
+    assert_eq!(steps(&dirs[0]), vec![1, 2, 3]);
+    assert!(steps(&dirs[1]).is_empty(), "rank 1 wrote checkpoints");
 }
 
 /// Rank 0's observer stops the group after step 3 (as a kill would: the last checkpoint is

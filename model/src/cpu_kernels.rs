@@ -8,12 +8,13 @@
 //! cache). burn-flex's GEMM packs its operands and runs products under 192³ multiply-adds on
 //! one thread; on 2 cores it read decode-shaped weights at 4–6 GB/s, and its batched small
 //! matmuls over cache blocks were the larger half of a step at 600 tokens. These kernels
-//! stream each weight and each cache block once, on every core, with AVX-512. In a prefill,
+//! stream each weight and each cache block once, on every core, with AVX2 and FMA (one path
+//! on every x86-64 CPU that has them, AVX-512 ones included, so all sum alike). In a prefill,
 //! the attention kernel also spares the copies of burn's path (KV heads repeated to the
 //! query heads, the mask expanded to every head).
 //!
 //! Recognised at run time as [`crate::lean_mlp`] is: only the plain CPU backend (no autodiff)
-//! on f32 tensors, with AVX-512F, takes these paths. Every function returns `None` when it
+//! on f32 tensors, with AVX2 and FMA, takes these paths. Every function returns `None` when it
 //! does not apply and the caller runs burn's ops, so other backends, dtypes and CPUs, and
 //! training, are unchanged.
 

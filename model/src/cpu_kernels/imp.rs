@@ -1,4 +1,4 @@
-//! The Flex/x86-64 implementation of [`super`]: tensor access by downcast, the AVX-512
+//! The Flex/x86-64 implementation of [`super`]: tensor access by downcast, the AVX2/FMA
 //! kernels, and their split over rayon's threads.
 
 use std::any::{Any, TypeId};
@@ -12,10 +12,11 @@ use rayon::prelude::*;
 
 use super::MAX_ROWS;
 
-/// Whether this CPU runs the kernels (AVX-512F; checked once).
+/// Whether this CPU runs the kernels (AVX2 and FMA; checked once). Every x86-64 CPU with
+/// AVX-512 has them too, so one code path gives the same sums on both kinds of machine.
 pub(crate) fn available() -> bool {
-    static AVX512: OnceLock<bool> = OnceLock::new();
-    *AVX512.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f"))
+    static AVX2_FMA: OnceLock<bool> = OnceLock::new();
+    *AVX2_FMA.get_or_init(|| std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"))
 }
 
 /// The Flex tensor behind `t` when `B` is the plain CPU backend and `t` is f32.
@@ -101,9 +102,10 @@ pub(crate) fn matmul_few_rows<B: Backend>(x: &Tensor<B, 2>, w: &Tensor<B, 2>) ->
     tensor_of(y, [m, n])
 }
 
-/// Column tiles of 64 (four 16-lane vectors) and row blocks of 4: 16 accumulators.
-const TILE_COLS: usize = 64;
-const ROW_BLOCK: usize = 4;
+/// Column tiles of 32 (four 8-lane vectors) and row blocks of 3: 12 accumulators, the 3
+/// broadcast rows of x and one weight vector fill AVX2's 16 registers.
+const TILE_COLS: usize = 32;
+const ROW_BLOCK: usize = 3;
 
 fn xw(x: &[f32], w: &[f32], m: usize, k: usize, n: usize, y: &mut [f32]) {
     let tiles = n.div_ceil(TILE_COLS);
@@ -114,61 +116,80 @@ fn xw(x: &[f32], w: &[f32], m: usize, k: usize, n: usize, y: &mut [f32]) {
         let cols = TILE_COLS.min(n - j);
         for r0 in (0..m).step_by(ROW_BLOCK) {
             let rows = ROW_BLOCK.min(m - r0);
-            // SAFETY: AVX-512F was detected (`flex` checks it); x is [m, k], w is [k, n] and
-            // y is [m, n]; this task alone writes rows r0.., columns j..j + cols of y.
+            // SAFETY: AVX2 and FMA were detected (`flex` checks them); x is [m, k], w is
+            // [k, n] and y is [m, n]; this task alone writes rows r0.., columns j..j + cols of y.
             unsafe {
                 let (xp, yp) = (x.as_ptr().add(r0 * k), out.at(r0 * n + j));
                 match rows {
                     1 => xw_tile::<1>(xp, k, w.as_ptr().add(j), n, cols, yp),
                     2 => xw_tile::<2>(xp, k, w.as_ptr().add(j), n, cols, yp),
-                    3 => xw_tile::<3>(xp, k, w.as_ptr().add(j), n, cols, yp),
-                    _ => xw_tile::<4>(xp, k, w.as_ptr().add(j), n, cols, yp),
+                    _ => xw_tile::<3>(xp, k, w.as_ptr().add(j), n, cols, yp),
                 }
             }
         }
     });
 }
 
-/// Lane mask for the `c`-th 16-lane vector of a tile `cols` wide.
+/// Lane mask of an 8-lane vector whose first `left` lanes (at most 8) are in bounds.
 #[inline]
-fn lanes(cols: usize, c: usize) -> __mmask16 {
-    let left = cols.saturating_sub(c * 16).min(16);
-    if left == 16 {
-        0xffff
+#[target_feature(enable = "avx2")]
+unsafe fn lanes(left: usize) -> __m256i {
+    _mm256_cmpgt_epi32(_mm256_set1_epi32(left.min(8) as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
+}
+
+/// Eight floats from `p`, or only the lanes of `mask` (the rest zero) when not `full`.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn load8(p: *const f32, full: bool, mask: __m256i) -> __m256 {
+    if full {
+        _mm256_loadu_ps(p)
     } else {
-        ((1u32 << left) - 1) as __mmask16
+        _mm256_maskload_ps(p, mask)
     }
 }
 
-/// `R` rows of `x` (row stride `k`) times a `[k, cols ≤ 64]` panel of `w` (row stride `n`)
-/// into `R` rows of `y` (row stride `n`).
-#[target_feature(enable = "avx512f")]
+/// Sum of the 8 lanes.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
+}
+
+/// `R` rows of `x` (row stride `k`) times a `[k, cols ≤ 32]` panel of `w` (row stride `n`)
+/// into `R` rows of `y` (row stride `n`). A partial panel (the last of a width off the grid)
+/// loads and stores through lane masks, so nothing outside `cols` is touched.
+#[target_feature(enable = "avx2,fma")]
 unsafe fn xw_tile<const R: usize>(x: *const f32, k: usize, w: *const f32, n: usize, cols: usize, y: *mut f32) {
-    let masks = [lanes(cols, 0), lanes(cols, 1), lanes(cols, 2), lanes(cols, 3)];
-    let mut acc = [[_mm512_setzero_ps(); 4]; R];
+    let masks = [lanes(cols), lanes(cols.saturating_sub(8)), lanes(cols.saturating_sub(16)), lanes(cols.saturating_sub(24))];
+    let full = cols == TILE_COLS;
+    let mut acc = [[_mm256_setzero_ps(); 4]; R];
     for kk in 0..k {
         let row = w.add(kk * n);
-        let wv = [
-            _mm512_maskz_loadu_ps(masks[0], row),
-            _mm512_maskz_loadu_ps(masks[1], row.add(16)),
-            _mm512_maskz_loadu_ps(masks[2], row.add(32)),
-            _mm512_maskz_loadu_ps(masks[3], row.add(48)),
-        ];
-        for (r, acc) in acc.iter_mut().enumerate() {
-            let xv = _mm512_set1_ps(*x.add(r * k + kk));
-            for c in 0..4 {
-                acc[c] = _mm512_fmadd_ps(xv, wv[c], acc[c]);
+        let mut xv = [_mm256_setzero_ps(); R];
+        for (r, v) in xv.iter_mut().enumerate() {
+            *v = _mm256_set1_ps(*x.add(r * k + kk));
+        }
+        for c in 0..4 {
+            let wv = load8(row.add(c * 8), full, masks[c]);
+            for r in 0..R {
+                acc[r][c] = _mm256_fmadd_ps(xv[r], wv, acc[r][c]);
             }
         }
     }
     for (r, acc) in acc.iter().enumerate() {
         for c in 0..4 {
-            _mm512_mask_storeu_ps(y.add(r * n + c * 16), masks[c], acc[c]);
+            if full {
+                _mm256_storeu_ps(y.add(r * n + c * 8), acc[c]);
+            } else {
+                _mm256_maskstore_ps(y.add(r * n + c * 8), masks[c], acc[c]);
+            }
         }
     }
 }
 
-/// Rows of `wt` per tile of the transposed product: with 4 rows of x, 16 accumulators.
+/// Rows of `wt` per tile of the transposed product: with 3 rows of x, 12 accumulators.
 const TILE_ROWS_T: usize = 4;
 
 fn xwt(x: &[f32], wt: &[f32], m: usize, k: usize, n: usize, y: &mut [f32]) {
@@ -186,8 +207,7 @@ fn xwt(x: &[f32], wt: &[f32], m: usize, k: usize, n: usize, y: &mut [f32]) {
                 match rows {
                     1 => xwt_tile::<1>(xp, k, wp, cols, n, yp),
                     2 => xwt_tile::<2>(xp, k, wp, cols, n, yp),
-                    3 => xwt_tile::<3>(xp, k, wp, cols, n, yp),
-                    _ => xwt_tile::<4>(xp, k, wp, cols, n, yp),
+                    _ => xwt_tile::<3>(xp, k, wp, cols, n, yp),
                 }
             }
         }
@@ -196,27 +216,28 @@ fn xwt(x: &[f32], wt: &[f32], m: usize, k: usize, n: usize, y: &mut [f32]) {
 
 /// `y[r, c] = x[r, :] · wt[c, :]` for `R` rows of x and `cols ≤ 4` rows of wt (both of
 /// length `k`), into `y` (row stride `n`).
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx2,fma")]
 unsafe fn xwt_tile<const R: usize>(x: *const f32, k: usize, wt: *const f32, cols: usize, n: usize, y: *mut f32) {
-    let mut acc = [[_mm512_setzero_ps(); TILE_ROWS_T]; R];
+    let mut acc = [[_mm256_setzero_ps(); TILE_ROWS_T]; R];
     let mut kk = 0;
     while kk < k {
-        let mask = lanes(k - kk, 0);
-        let mut wv = [_mm512_setzero_ps(); TILE_ROWS_T];
-        for (c, v) in wv.iter_mut().enumerate().take(cols) {
-            *v = _mm512_maskz_loadu_ps(mask, wt.add(c * k + kk));
+        let full = k - kk >= 8;
+        let mask = lanes(k - kk);
+        let mut xv = [_mm256_setzero_ps(); R];
+        for (r, v) in xv.iter_mut().enumerate() {
+            *v = load8(x.add(r * k + kk), full, mask);
         }
-        for (r, acc) in acc.iter_mut().enumerate() {
-            let xv = _mm512_maskz_loadu_ps(mask, x.add(r * k + kk));
-            for c in 0..TILE_ROWS_T {
-                acc[c] = _mm512_fmadd_ps(xv, wv[c], acc[c]);
+        for c in 0..cols {
+            let wv = load8(wt.add(c * k + kk), full, mask);
+            for r in 0..R {
+                acc[r][c] = _mm256_fmadd_ps(xv[r], wv, acc[r][c]);
             }
         }
-        kk += 16;
+        kk += 8;
     }
     for (r, acc) in acc.iter().enumerate() {
         for (c, &a) in acc.iter().enumerate().take(cols) {
-            *y.add(r * n + c) = _mm512_reduce_add_ps(a);
+            *y.add(r * n + c) = hsum(a);
         }
     }
 }
@@ -270,7 +291,7 @@ pub(crate) fn attention<B: Backend>(
     let kvs: Vec<(FlexTensor, FlexTensor)> = blocks.iter().map(|(k, v)| Some((kv_of(k)?, kv_of(v)?))).collect::<Option<_>>()?;
     let first = kvs.first()?;
     let kv = first.0.layout().shape()[1];
-    if b * h * s * d == 0 || d % 16 != 0 || d > MAX_HEAD_DIM || kv == 0 || h % kv != 0 || h / kv > MAX_REP {
+    if b * h * s * d == 0 || d % 8 != 0 || d > MAX_HEAD_DIM || kv == 0 || h % kv != 0 || h / kv > MAX_REP {
         return None;
     }
     let qv = View::of(&qf)?;
@@ -313,7 +334,7 @@ pub(crate) fn attention<B: Backend>(
             let blocked_row: Option<&[u8]> = blocked.map(|m| &m[(bi * s + t) * keys..(bi * s + t + 1) * keys]);
             // Without a mask the new positions are the last `s`, causal: later keys are blocked.
             let visible = if blocked_row.is_some() { keys } else { keys - s + t + 1 };
-            // SAFETY: AVX-512F was detected; every row is `d` long, d % 16 == 0, d ≤ MAX_HEAD_DIM;
+            // SAFETY: AVX2 and FMA were detected; every row is `d` long, d % 8 == 0, d ≤ MAX_HEAD_DIM;
             // this task alone writes rows (r·s + t) from `base`, inside `out`.
             unsafe { attend(&queries, &views, bi, g, blocked_row, visible, scale, &mut scores, dst.at(base), s, t) };
         }
@@ -324,13 +345,13 @@ pub(crate) fn attention<B: Backend>(
 /// Queries of one sequence per attention task.
 const QUERY_RUN: usize = 32;
 
-/// Head sizes up to this take the attention kernel (its accumulator lives on the stack).
+/// Head sizes up to this take the attention kernel.
 const MAX_HEAD_DIM: usize = 256;
 
 /// One query position `t` of one (sequence `bi`, KV head `g`): the scores of its `rep` query
 /// heads against each key read once, softmax, then each value row read once for all heads.
 /// Outputs go to rows `r * s + t` of `out` (`[rep, s, d]`).
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn attend(
     queries: &[&[f32]],
@@ -355,11 +376,18 @@ unsafe fn attend(
             let open = p < visible && blocked.is_none_or(|m| m[p] == 0);
             for (r, q) in queries.iter().enumerate() {
                 scores[r * keys + p] = if open {
-                    let mut acc = _mm512_setzero_ps();
-                    for c in (0..d).step_by(16) {
-                        acc = _mm512_fmadd_ps(_mm512_loadu_ps(q.as_ptr().add(c)), _mm512_loadu_ps(krow.add(c)), acc);
+                    // Two chains, so the sum does not wait on one FMA after another.
+                    let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                    let mut c = 0;
+                    while c + 16 <= d {
+                        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(c)), _mm256_loadu_ps(krow.add(c)), a0);
+                        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(c + 8)), _mm256_loadu_ps(krow.add(c + 8)), a1);
+                        c += 16;
                     }
-                    _mm512_reduce_add_ps(acc) * scale
+                    if c < d {
+                        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(c)), _mm256_loadu_ps(krow.add(c)), a0);
+                    }
+                    hsum(_mm256_add_ps(a0, a1)) * scale
                 } else {
                     f32::NEG_INFINITY
                 };
@@ -367,37 +395,59 @@ unsafe fn attend(
             p += 1;
         }
     }
+    // Keys from `visible` on are blocked for every head: their weights would be exactly 0.
     for r in 0..rep {
-        softmax_in_place(&mut scores[r * keys..(r + 1) * keys]);
+        softmax_in_place(&mut scores[r * keys..r * keys + visible]);
     }
-    let mut acc = [_mm512_setzero_ps(); MAX_HEAD_DIM / 16 * MAX_REP];
-    let lanes = d / 16;
-    let mut p = 0;
-    for (_, vb) in views {
-        for pos in 0..vb.dims[2] {
-            let vrow = vb.row(bi, g, pos).as_ptr();
-            for r in 0..rep {
-                let w = scores[r * keys + p];
-                if w != 0.0 {
-                    let wv = _mm512_set1_ps(w);
-                    for c in 0..lanes {
-                        acc[r * lanes + c] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(vrow.add(c * 16)), acc[r * lanes + c]);
-                    }
-                }
-            }
-            p += 1;
-        }
-    }
+    // One head at a time, so a chunk of its output stays in registers while the value rows
+    // stream past (each value row is read once per head, from cache after the first).
+    let lanes = d / 8;
     for r in 0..rep {
+        let weights = &scores[r * keys..r * keys + visible];
         let row = out.add((r * s + t) * d);
-        for c in 0..lanes {
-            _mm512_storeu_ps(row.add(c * 16), acc[r * lanes + c]);
+        let mut c0 = 0;
+        while c0 + 8 <= lanes {
+            weigh_values::<8>(weights, views, bi, g, c0 * 8, row);
+            c0 += 8;
+        }
+        while c0 < lanes {
+            weigh_values::<1>(weights, views, bi, g, c0 * 8, row);
+            c0 += 1;
         }
     }
 }
 
-/// Query heads per KV head the attention kernel takes (GQA groups; the accumulators of all
-/// of them live on the stack).
+/// Columns `col..col + 8·CH` of `Σ_p weights[p] · V[p]` over the first `weights.len()` value
+/// rows of (sequence `bi`, KV head `g`), stored at `row + col`. Positions are summed in order,
+/// as a one-pass loop over all heads would.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn weigh_values<const CH: usize>(weights: &[f32], views: &[(View, View)], bi: usize, g: usize, col: usize, row: *mut f32) {
+    let mut acc = [_mm256_setzero_ps(); CH];
+    let mut p = 0;
+    'blocks: for (_, vb) in views {
+        for pos in 0..vb.dims[2] {
+            if p == weights.len() {
+                break 'blocks;
+            }
+            let w = weights[p];
+            p += 1;
+            if w != 0.0 {
+                let vrow = vb.row(bi, g, pos).as_ptr().add(col);
+                let wv = _mm256_set1_ps(w);
+                for (c, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(vrow.add(c * 8)), *a);
+                }
+            }
+        }
+    }
+    for (c, a) in acc.iter().enumerate() {
+        _mm256_storeu_ps(row.add(col + c * 8), *a);
+    }
+}
+
+/// Query heads per KV head the attention kernel takes (GQA groups; larger groups keep
+/// burn's path).
 const MAX_REP: usize = 8;
 
 /// Softmax of a row that has at least one finite score (every query sees itself).
@@ -441,7 +491,7 @@ mod tests {
                     assert!(max_diff(y, expected) < 1e-4, "x·w {m}×{k}×{n}");
                     assert!(max_diff(yt, expected_t) < 1e-4, "x·wtᵀ {m}×{k}×{n}");
                 }
-                (None, None) => assert!(!available(), "the kernels declined {m}×{k}×{n} on a CPU with AVX-512F"),
+                (None, None) => assert!(!available(), "the kernels declined {m}×{k}×{n} on a CPU with AVX2 and FMA"),
                 _ => panic!("one orientation ran and the other did not ({m}×{k}×{n})"),
             }
         }

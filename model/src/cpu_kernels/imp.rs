@@ -217,6 +217,7 @@ fn xwt(x: &[f32], wt: &[f32], m: usize, k: usize, n: usize, y: &mut [f32]) {
 /// `y[r, c] = x[r, :] · wt[c, :]` for `R` rows of x and `cols ≤ 4` rows of wt (both of
 /// length `k`), into `y` (row stride `n`).
 #[target_feature(enable = "avx2,fma")]
+#[allow(clippy::needless_range_loop)] // `c` picks the column in every row's accumulators
 unsafe fn xwt_tile<const R: usize>(x: *const f32, k: usize, wt: *const f32, cols: usize, n: usize, y: *mut f32) {
     let mut acc = [[_mm256_setzero_ps(); TILE_ROWS_T]; R];
     let mut kk = 0;

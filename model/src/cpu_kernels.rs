@@ -1,6 +1,6 @@
 //! Inference kernels for the CPU backend: projections and the vocabulary head for up to
-//! [`MAX_ROWS`] rows (a decode step), and grouped-query attention for inference (decode steps
-//! over the KV cache, and prefills).
+//! [`MAX_ROWS`] rows (a decode step), grouped-query attention for inference (decode steps
+//! over the KV cache, and prefills), and RoPE.
 //!
 //! A decode step multiplies one row per sequence by every weight of the model and reads every
 //! cached key and value once: it is bound by memory traffic, not arithmetic (SmolLM2-135M:
@@ -26,7 +26,7 @@ pub(crate) const MAX_ROWS: usize = 32;
 mod imp;
 
 #[cfg(all(feature = "flex", target_arch = "x86_64"))]
-pub(crate) use imp::{attention, contiguous, matmul_few_rows};
+pub(crate) use imp::{attention, contiguous, matmul_few_rows, rope};
 
 #[cfg(test)]
 pub(crate) use imp::available;
@@ -49,6 +49,10 @@ mod imp {
         t
     }
 
+    pub(crate) fn rope<B: Backend>(_: &Tensor<B, 4>, _: &Tensor<B, 4>, _: &Tensor<B, 4>) -> Option<Tensor<B, 4>> {
+        None
+    }
+
     pub(crate) fn attention<B: Backend>(
         _: &Tensor<B, 4>,
         _: &[(Tensor<B, 4>, Tensor<B, 4>)],
@@ -60,4 +64,4 @@ mod imp {
 }
 
 #[cfg(not(all(feature = "flex", target_arch = "x86_64")))]
-pub(crate) use imp::{attention, contiguous, matmul_few_rows};
+pub(crate) use imp::{attention, contiguous, matmul_few_rows, rope};

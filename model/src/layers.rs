@@ -105,6 +105,14 @@ pub struct Rope<B: Backend> {
 impl<B: Backend> Rope<B> {
     /// HF's `rotate_half` convention: `x * cos + cat(-x2, x1) * sin`.
     pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        if let Some(out) = crate::cpu_kernels::rope(&x, &self.cos, &self.sin) {
+            return out;
+        }
+        self.apply_ops(x)
+    }
+
+    /// [`Rope::apply`] by burn's tensor ops (training, other backends).
+    fn apply_ops(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let [b, s, h, d] = x.dims();
         let half = d / 2;
         let x1 = x.clone().slice([0..b, 0..s, 0..h, 0..half]);
@@ -321,6 +329,24 @@ mod tests {
     use burn::tensor::{Distribution, TensorData};
 
     type B = crate::CpuBackend;
+
+    /// The CPU RoPE kernel rounds as burn's ops do: equal bit for bit, so greedy decoding
+    /// does not change with it.
+    #[test]
+    fn rope_kernel_equals_the_tensor_ops_bit_for_bit() {
+        let device = Default::default();
+        for (b, s, h, d) in [(2, 5, 3, 8), (1, 7, 9, 64)] {
+            let x = Tensor::<B, 4>::random([b, s, h, d], Distribution::Normal(0.0, 1.0), &device);
+            let table = || Tensor::<B, 4>::random([b, s, 1, d], Distribution::Uniform(-1.0, 1.0), &device);
+            let rope = Rope { cos: table(), sin: table() };
+            let bits = |t: Tensor<B, 4>| t.into_data().to_vec::<f32>().unwrap().into_iter().map(f32::to_bits).collect::<Vec<_>>();
+            let expected = bits(rope.apply_ops(x.clone()));
+            match crate::cpu_kernels::rope(&x, &rope.cos, &rope.sin) {
+                Some(out) => assert_eq!(bits(out), expected, "[{b}, {s}, {h}, {d}]"),
+                None => assert!(!crate::cpu_kernels::available(), "the RoPE kernel declined on a CPU with AVX2 and FMA"),
+            }
+        }
+    }
 
     /// The CPU decode kernel against the burn-op path it replaces: a first block that is a
     /// strided view (as a prefill leaves it), a contiguous second block, GQA, with a padding

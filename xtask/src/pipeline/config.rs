@@ -152,8 +152,9 @@ pub struct EvalSection {
 
 impl Default for PipelineFile {
     /// The embedded CPU run: LoRA on the committed SmolLM2-135M-Instruct (its own tokenizer
-    /// and chat template), sized by measurement for 2 cores: it took 33 minutes, evaluation
-    /// most of it (README), against a 20-minute goal.
+    /// and chat template), sized by measurement for 2 cores: it took 40 minutes on a 2-core
+    /// AMD EPYC (33 on an AVX-512 machine), evaluation most of it (README), against a
+    /// 20-minute goal.
     fn default() -> Self {
         Self {
             out: PathBuf::from("runs/pipeline"),

@@ -172,7 +172,9 @@ unsafe fn xw_tile<const R: usize>(x: *const f32, k: usize, w: *const f32, n: usi
             *v = _mm256_set1_ps(*x.add(r * k + kk));
         }
         for c in 0..4 {
-            let wv = load8(row.add(c * 8), full, masks[c]);
+            // wrapping_add: in a partial panel a vector past `cols` loads no lane, and its
+            // address may lie past the end of `w`, which `add` does not allow.
+            let wv = load8(row.wrapping_add(c * 8), full, masks[c]);
             for r in 0..R {
                 acc[r][c] = _mm256_fmadd_ps(xv[r], wv, acc[r][c]);
             }
@@ -183,7 +185,7 @@ unsafe fn xw_tile<const R: usize>(x: *const f32, k: usize, w: *const f32, n: usi
             if full {
                 _mm256_storeu_ps(y.add(r * n + c * 8), acc[c]);
             } else {
-                _mm256_maskstore_ps(y.add(r * n + c * 8), masks[c], acc[c]);
+                _mm256_maskstore_ps(y.wrapping_add(r * n + c * 8), masks[c], acc[c]);
             }
         }
     }

@@ -405,6 +405,17 @@ pub(crate) fn attention<B: Backend>(
     keys: usize,
     mask: Option<&Tensor<B, 4, Bool>>,
 ) -> Option<Tensor<B, 4>> {
+    attention_paths::<B, true>(q, blocks, keys, mask)
+}
+
+/// [`attention`], with (`FAST`) or without the paths for head sizes 32 and 64 and groups of
+/// up to 3 heads; a test holds the two to equal bits.
+fn attention_paths<B: Backend, const FAST: bool>(
+    q: &Tensor<B, 4>,
+    blocks: &[(Tensor<B, 4>, Tensor<B, 4>)],
+    keys: usize,
+    mask: Option<&Tensor<B, 4, Bool>>,
+) -> Option<Tensor<B, 4>> {
     let [b, h, s, d] = q.dims();
     let qf = flex(q)?;
     let kv_of = |t: &Tensor<B, 4>| flex(t);
@@ -456,7 +467,7 @@ pub(crate) fn attention<B: Backend>(
             // consecutive rows from ((bi·s + t)·h + g·rep)·d.
             // SAFETY: AVX2 and FMA were detected; every row is `d` long, d % 8 == 0, d ≤ MAX_HEAD_DIM;
             // this task alone writes those `rep` rows, inside `out`.
-            unsafe { attend(&queries, &views, bi, g, blocked_row, visible, scale, &mut scores, dst.at(((bi * s + t) * h + g * rep) * d)) };
+            unsafe { attend::<FAST>(&queries, &views, bi, g, blocked_row, visible, scale, &mut scores, dst.at(((bi * s + t) * h + g * rep) * d)) };
         }
     });
     // Written as [b, s, h, d] and handed out as its [b, h, s, d] view: the caller's merge of
@@ -475,7 +486,7 @@ const MAX_HEAD_DIM: usize = 256;
 /// Head r's output goes to row `r` of `out` (`[rep, d]`).
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn attend(
+unsafe fn attend<const FAST: bool>(
     queries: &[&[f32]],
     views: &[(View, View)],
     bi: usize,
@@ -489,37 +500,62 @@ unsafe fn attend(
     let rep = queries.len();
     let d = queries[0].len();
     let keys = scores.len() / rep;
-    let mut p = 0;
-    for (kb, _) in views {
-        for pos in 0..kb.dims[2] {
-            let krow = kb.row(bi, g, pos).as_ptr();
-            let open = p < visible && blocked.is_none_or(|m| m[p] == 0);
-            for (r, q) in queries.iter().enumerate() {
-                scores[r * keys + p] = if open {
-                    // Two chains, so the sum does not wait on one FMA after another.
-                    let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-                    let mut c = 0;
-                    while c + 16 <= d {
-                        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(c)), _mm256_loadu_ps(krow.add(c)), a0);
-                        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(c + 8)), _mm256_loadu_ps(krow.add(c + 8)), a1);
-                        c += 16;
-                    }
-                    if c < d {
-                        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(c)), _mm256_loadu_ps(krow.add(c)), a0);
-                    }
-                    hsum(_mm256_add_ps(a0, a1)) * scale
-                } else {
-                    f32::NEG_INFINITY
-                };
+    // SmolLM2's 64 (and 32): one head at a time with its query in registers, so each score
+    // loads only the key; the same two chains as below, so the same sums.
+    if FAST && (d == 64 || d == 32) {
+        for (r, q) in queries.iter().enumerate() {
+            let row = &mut scores[r * keys..r * keys + visible];
+            if d == 64 {
+                head_scores::<8>(q, views, bi, g, blocked, scale, row);
+            } else {
+                head_scores::<4>(q, views, bi, g, blocked, scale, row);
             }
-            p += 1;
+        }
+    } else {
+        let mut p = 0;
+        for (kb, _) in views {
+            for pos in 0..kb.dims[2] {
+                let krow = kb.row(bi, g, pos).as_ptr();
+                let open = p < visible && blocked.is_none_or(|m| m[p] == 0);
+                for (r, q) in queries.iter().enumerate() {
+                    scores[r * keys + p] = if open {
+                        // Two chains, so the sum does not wait on one FMA after another.
+                        let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                        let mut c = 0;
+                        while c + 16 <= d {
+                            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(c)), _mm256_loadu_ps(krow.add(c)), a0);
+                            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(c + 8)), _mm256_loadu_ps(krow.add(c + 8)), a1);
+                            c += 16;
+                        }
+                        if c < d {
+                            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(c)), _mm256_loadu_ps(krow.add(c)), a0);
+                        }
+                        hsum(_mm256_add_ps(a0, a1)) * scale
+                    } else {
+                        f32::NEG_INFINITY
+                    };
+                }
+                p += 1;
+            }
         }
     }
     // Keys from `visible` on are blocked for every head: their weights would be exactly 0.
     for r in 0..rep {
         softmax_in_place(&mut scores[r * keys..r * keys + visible]);
     }
-    // One head at a time, so a chunk of its output stays in registers while the value rows
+    // Up to 3 heads (SmolLM2's groups) together, 32 columns at a time: each value row is
+    // read once per 32 columns for all heads, and 12 accumulators stay in registers.
+    if FAST && rep <= 3 && d.is_multiple_of(32) {
+        for col in (0..d).step_by(32) {
+            match rep {
+                1 => weigh_values_heads::<1>(scores, keys, visible, views, bi, g, col, d, out),
+                2 => weigh_values_heads::<2>(scores, keys, visible, views, bi, g, col, d, out),
+                _ => weigh_values_heads::<3>(scores, keys, visible, views, bi, g, col, d, out),
+            }
+        }
+        return;
+    }
+    // Otherwise one head at a time, so a chunk of its output stays in registers while the value rows
     // stream past (each value row is read once per head, from cache after the first).
     let lanes = d / 8;
     for r in 0..rep {
@@ -533,6 +569,83 @@ unsafe fn attend(
         while c0 < lanes {
             weigh_values::<1>(weights, views, bi, g, c0 * 8, row);
             c0 += 1;
+        }
+    }
+}
+
+/// Scores of one query head (`8·NV` wide, held in registers) against the first
+/// `row.len()` keys of (sequence `bi`, KV head `g`): `q·k · scale`, or −∞ where blocked.
+/// The dot product runs in two chains over alternate vectors, summed by [`hsum`].
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn head_scores<const NV: usize>(q: &[f32], views: &[(View, View)], bi: usize, g: usize, blocked: Option<&[u8]>, scale: f32, row: &mut [f32]) {
+    let mut qv = [_mm256_setzero_ps(); NV];
+    for (c, v) in qv.iter_mut().enumerate() {
+        *v = _mm256_loadu_ps(q.as_ptr().add(c * 8));
+    }
+    let mut p = 0;
+    'blocks: for (kb, _) in views {
+        for pos in 0..kb.dims[2] {
+            if p == row.len() {
+                break 'blocks;
+            }
+            row[p] = if blocked.is_none_or(|m| m[p] == 0) {
+                let krow = kb.row(bi, g, pos).as_ptr();
+                let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                for c in (0..NV).step_by(2) {
+                    a0 = _mm256_fmadd_ps(qv[c], _mm256_loadu_ps(krow.add(c * 8)), a0);
+                    if c + 1 < NV {
+                        a1 = _mm256_fmadd_ps(qv[c + 1], _mm256_loadu_ps(krow.add(c * 8 + 8)), a1);
+                    }
+                }
+                hsum(_mm256_add_ps(a0, a1)) * scale
+            } else {
+                f32::NEG_INFINITY
+            };
+            p += 1;
+        }
+    }
+}
+
+/// Columns `col..col + 32` of `Σ_p w[r, p] · V[p]` for the `REP` heads of (sequence `bi`, KV
+/// head `g`), weights `scores[r·keys..][..visible]`, stored at `out + r·d + col`. Each
+/// element sums the positions in order and skips a zero weight, as [`weigh_values`] does,
+/// so the results are the same.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+unsafe fn weigh_values_heads<const REP: usize>(scores: &[f32], keys: usize, visible: usize, views: &[(View, View)], bi: usize, g: usize, col: usize, d: usize, out: *mut f32) {
+    let mut acc = [[_mm256_setzero_ps(); 4]; REP];
+    let mut p = 0;
+    'blocks: for (_, vb) in views {
+        for pos in 0..vb.dims[2] {
+            if p == visible {
+                break 'blocks;
+            }
+            let mut w = [0f32; REP];
+            for r in 0..REP {
+                w[r] = scores[r * keys + p];
+            }
+            p += 1;
+            if w.iter().all(|&x| x == 0.0) {
+                continue;
+            }
+            let vrow = vb.row(bi, g, pos).as_ptr().add(col);
+            let v = [_mm256_loadu_ps(vrow), _mm256_loadu_ps(vrow.add(8)), _mm256_loadu_ps(vrow.add(16)), _mm256_loadu_ps(vrow.add(24))];
+            for r in 0..REP {
+                if w[r] != 0.0 {
+                    let wv = _mm256_set1_ps(w[r]);
+                    for c in 0..4 {
+                        acc[r][c] = _mm256_fmadd_ps(wv, v[c], acc[r][c]);
+                    }
+                }
+            }
+        }
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        for (c, &a) in acc.iter().enumerate() {
+            _mm256_storeu_ps(out.add(r * d + col + c * 8), a);
         }
     }
 }
@@ -649,6 +762,38 @@ mod tests {
                     let s: Vec<f32> = (0..4).map(|l| lane[l] + lane[l + 4]).collect();
                     let summed = (s[0] + s[2]) + (s[1] + s[3]);
                     assert_eq!(yt[r * n + c], summed, "x·wtᵀ row {r} column {c} ({m}×{k}×{n})");
+                }
+            }
+        }
+    }
+
+
+    /// The paths for head sizes 32 and 64 (query in registers, up to 3 heads' values at
+    /// once) give the general path's bits: decode, a prefill in runs, pads and the causal mask.
+    #[test]
+    fn attention_fast_paths_equal_the_general_path_bit_for_bit() {
+        let device = Default::default();
+        let normal = Distribution::Normal(0.0, 1.0);
+        for (h, kv, d) in [(6, 2, 64), (9, 3, 64), (4, 2, 32), (3, 3, 64)] {
+            let b = 2;
+            let blocks: Vec<(Tensor<B, 4>, Tensor<B, 4>)> = [9, 40]
+                .iter()
+                .map(|&n| (Tensor::random([b, kv, n, d], normal, &device), Tensor::random([b, kv, n, d], normal, &device)))
+                .collect();
+            let keys = 49;
+            for s in [1, 40] {
+                let q = Tensor::<B, 4>::random([b, h, s, d], normal, &device);
+                let blocked: Vec<bool> = (0..b * s * keys).map(|i| (i / (s * keys) == 1 && i % keys < 3) || i % keys > keys - s + i / keys % s).collect();
+                let mask = Tensor::<B, 4, Bool>::from_data(TensorData::new(blocked, [b, 1, s, keys]), &device);
+                for mask in [None, Some(&mask)] {
+                    let (Some(fast), Some(general)) = (attention_paths::<B, true>(&q, &blocks, keys, mask), attention_paths::<B, false>(&q, &blocks, keys, mask)) else {
+                        assert!(!available(), "the kernel declined on a CPU with AVX2 and FMA");
+                        return;
+                    };
+                    let (fast, general) = (fast.into_data().to_vec::<f32>().unwrap_or_default(), general.into_data().to_vec::<f32>().unwrap_or_default());
+                    assert!(!fast.is_empty() && fast.len() == general.len());
+                    let same = fast.iter().zip(&general).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "h {h}, kv {kv}, d {d}, s {s}, mask {}", mask.is_some());
                 }
             }
         }

@@ -178,13 +178,13 @@ impl<B: Backend> Batcher<B> {
         let cache = &mut self.cache;
         let members = &self.members;
         let temperature_of = |b: usize| members[b].config.sampling.temperature;
-        let StepOutput { last, lse, scored } = masks_during(&mut self.seqs, |seqs| generator.forward_step(model, &[], seqs, cache, true, temperature_of))?;
+        let StepOutput { last, lse, scored, fed } = masks_during(&mut self.seqs, |seqs| generator.forward_step(model, &[], seqs, cache, true, temperature_of))?;
         self.stats.forward_secs += t0.elapsed().as_secs_f64();
         self.stats.steps += 1;
         let t1 = Instant::now();
         let vocab = model.config().vocab_size;
         self.seqs.par_iter_mut().zip(self.members.par_iter()).enumerate().for_each(|(b, (seq, m))| {
-            generator.after_forward(seq, &scored[b], &last[b * vocab..(b + 1) * vocab], lse[b], &m.config);
+            generator.after_forward(seq, &scored[b], fed[b], &last[b * vocab..(b + 1) * vocab], lse[b], &m.config);
         });
         self.stats.host_secs += t1.elapsed().as_secs_f64();
         Ok(())

@@ -10,7 +10,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-use thinkjson_model::{CausalLm, KvCache, Padding, TokenBatch, Tokenizer};
+use thinkjson_model::{CausalLm, KvCache, Padding, TokenBatch, Tokenizer, DECODE_STEP_ROWS};
 
 use crate::closing::{closing_cost, ClosingRanks, ClosingWatch};
 use crate::constraint::{CompiledConstraint, Constraint, OutputCheck};
@@ -172,6 +172,8 @@ pub(crate) struct StepOutput {
     pub(crate) lse: Vec<f32>,
     /// Log-probs of each row's forced tokens.
     pub(crate) scored: Vec<Vec<f32>>,
+    /// How many of each row's pending tokens the pass took (the rest wait for the next).
+    pub(crate) fed: Vec<usize>,
 }
 
 pub(crate) struct Seq {
@@ -435,14 +437,14 @@ impl Generator {
                 break;
             }
             let t0 = Instant::now();
-            let StepOutput { last, lse, scored } = masks_during(&mut seqs, |seqs| self.forward_step(model, requests, seqs, &mut cache, config.use_cache, |_| temperature))?;
+            let StepOutput { last, lse, scored, fed } = masks_during(&mut seqs, |seqs| self.forward_step(model, requests, seqs, &mut cache, config.use_cache, |_| temperature))?;
             stats.forward_secs += t0.elapsed().as_secs_f64();
             stats.steps += 1;
 
             let t1 = Instant::now();
             let vocab = model.config().vocab_size;
             seqs.par_iter_mut().enumerate().for_each(|(b, seq)| {
-                self.after_forward(seq, &scored[b], &last[b * vocab..(b + 1) * vocab], lse[b], config);
+                self.after_forward(seq, &scored[b], fed[b], &last[b * vocab..(b + 1) * vocab], lse[b], config);
             });
             stats.host_secs += t1.elapsed().as_secs_f64();
         }
@@ -505,14 +507,15 @@ impl Generator {
         temperature_of: impl Fn(usize) -> f32,
     ) -> Result<StepOutput> {
         let b = seqs.len();
-        let width = seqs.iter().map(|s| s.pending.len()).max().unwrap_or(1).max(1);
+        let fed = fed_per_row(seqs, use_cache);
+        let width = fed.iter().copied().max().unwrap_or(1).max(1);
         let hidden = if use_cache {
             let mut ids = Vec::with_capacity(b * width);
             let mut mask = Vec::with_capacity(b * width);
-            for s in seqs {
-                let pad = width - s.pending.len();
-                ids.extend(std::iter::repeat_n(self.pad, pad).chain(s.pending.iter().copied()));
-                mask.extend(std::iter::repeat_n(false, pad).chain(std::iter::repeat_n(true, s.pending.len())));
+            for (s, &n) in seqs.iter().zip(&fed) {
+                let pad = width - n;
+                ids.extend(std::iter::repeat_n(self.pad, pad).chain(s.pending[..n].iter().copied()));
+                mask.extend(std::iter::repeat_n(false, pad).chain(std::iter::repeat_n(true, n)));
             }
             let batch = TokenBatch { ids, mask, batch: b, seq: width, segments: None };
             // Forced runs pad every other row; squeeze the pads out once they dominate.
@@ -548,47 +551,60 @@ impl Generator {
         }
 
         // Forced tokens: logits only at the positions that predict them (the token before),
-        // one projection per temperature among the rows that have them.
+        // one projection per temperature among the rows that have them. A row scores the
+        // forced tokens whose predecessor this pass took: pending[j] for j ≤ fed (the last
+        // one from the pass's last position).
+        let scorable = |bi: usize| -> std::ops::Range<usize> {
+            let seq = &seqs[bi];
+            let n = seq.pending.len();
+            (n - seq.unscored).max(1)..(fed[bi] + 1).min(n)
+        };
         let mut scored = vec![Vec::new(); b];
-        let mut temperatures: Vec<f32> = (0..b).filter(|&bi| seqs[bi].unscored > 0).map(effective).collect();
+        let mut temperatures: Vec<f32> = (0..b).filter(|&bi| !scorable(bi).is_empty()).map(effective).collect();
         temperatures.sort_by(f32::total_cmp);
         temperatures.dedup();
         for t in temperatures {
-            let rows: Vec<usize> = (0..b).filter(|&bi| seqs[bi].unscored > 0 && effective(bi) == t).collect();
+            let rows: Vec<usize> = (0..b).filter(|&bi| !scorable(bi).is_empty() && effective(bi) == t).collect();
             if rows.is_empty() {
                 continue;
             }
             let mut positions = Vec::new();
             let mut targets = Vec::new();
             for &bi in &rows {
-                let seq = &seqs[bi];
-                let n = seq.pending.len();
-                for k in 0..seq.unscored {
-                    positions.push(bi * s + s - seq.unscored + k - 1);
-                    targets.push(seq.pending[n - seq.unscored + k]);
+                // The row's fed tokens sit in the last fed[bi] columns.
+                let first_column = bi * s + s - fed[bi];
+                for j in scorable(bi) {
+                    positions.push(first_column + j - 1);
+                    targets.push(seqs[bi].pending[j]);
                 }
             }
             let lp = model.hidden_logprobs(hidden.clone(), &positions, &targets, t)?;
             let mut it = lp.into_iter();
             for &bi in &rows {
-                scored[bi] = it.by_ref().take(seqs[bi].unscored).collect();
+                scored[bi] = it.by_ref().take(scorable(bi).len()).collect();
             }
         }
-        Ok(StepOutput { last, lse, scored })
+        Ok(StepOutput { last, lse, scored, fed })
     }
 
     /// Takes a forward pass's output for one sequence: the log-probs of its forced tokens,
     /// then (unless finished) its next token from `row`.
-    pub(crate) fn after_forward(&self, seq: &mut Seq, scored: &[f32], row: &[f32], lse: f32, config: &GenerateConfig) {
+    pub(crate) fn after_forward(&self, seq: &mut Seq, scored: &[f32], fed: usize, row: &[f32], lse: f32, config: &GenerateConfig) {
         if seq.pending.is_empty() {
             return;
         }
-        // Log-probs of forced tokens come from the positions before them.
+        // Log-probs of forced tokens come from the positions before them; they are the first
+        // of the trailing `unscored` tokens.
         let n = seq.tokens.len();
         for (k, &lp) in scored.iter().enumerate() {
             seq.logprobs[n - seq.unscored + k] = lp;
         }
-        seq.pending.clear();
+        seq.unscored -= scored.len();
+        seq.pending.drain(..fed.min(seq.pending.len()));
+        if !seq.pending.is_empty() {
+            // Forced tokens left for the next pass; the next token is sampled after them.
+            return;
+        }
         seq.unscored = 0;
         if seq.finish.is_none() {
             self.advance(seq, row, lse, config);
@@ -745,6 +761,18 @@ impl Generator {
             seq.finish.get_or_insert(FinishReason::Stop);
         }
     }
+}
+
+/// How many pending tokens each row feeds to the next forward pass. A prompt (pending tokens
+/// with none of them forced: a prefill) goes in whole. Otherwise a step stays within
+/// [`DECODE_STEP_ROWS`] rows (batch × width): every row is padded to the widest, so one
+/// row's long forced run fed at once would make the pass a many-row GEMM that is mostly
+/// padding (a batch of 16 with one 20-token run: 320 rows for 35 tokens). Rows with more
+/// forced tokens than the width feed the rest in the next passes, before their next sample.
+fn fed_per_row(seqs: &[Seq], use_cache: bool) -> Vec<usize> {
+    let prefill = seqs.iter().any(|s| s.pending.len() > 1 && s.unscored == 0);
+    let width = if !use_cache || prefill { usize::MAX } else { (DECODE_STEP_ROWS / seqs.len().max(1)).max(1) };
+    seqs.iter().map(|s| s.pending.len().min(width)).collect()
 }
 
 /// The tokens `m` allows now; the time it took is pushed to `micros`.

@@ -61,5 +61,11 @@ pub use pretrained::Pretrained;
 pub use tokenizer::{train_bpe, SpecialTokens, Tokenizer};
 pub use weights::write_atomic;
 
+/// Rows (batch × new positions) up to which a forward pass's projections run on the CPU
+/// decode kernels, whose every output is the same FMA chain whatever the row count; past it a
+/// pass is a prefill for burn's GEMM. A decoder that feeds several tokens per sequence in one
+/// step (forced tokens) keeps a step within this many rows.
+pub const DECODE_STEP_ROWS: usize = cpu_kernels::MAX_ROWS;
+
 /// Re-exported so dependants name the same burn.
 pub use burn;

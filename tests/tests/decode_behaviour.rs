@@ -109,6 +109,50 @@ fn logprobs_of_sampled_and_forced_tokens_match_a_full_forward() {
     }
 }
 
+/// A batch wide enough that a forward pass takes at most 2 tokens per sequence
+/// ([`thinkjson_model::DECODE_STEP_ROWS`] rows): forced runs longer than that are fed over
+/// several passes before the next sample. Each sequence must get what it gets alone (where
+/// its runs go in whole), and every log-prob must be the full forward's.
+#[test]
+fn forced_runs_split_over_passes_keep_tokens_and_logprobs() {
+    let tok = qwen();
+    let model = tiny(6);
+    let generator = Generator::for_model(&tok, &model).expect("generator");
+    let temperature = 0.7;
+    let rows = thinkjson_model::DECODE_STEP_ROWS / 2;
+    let reqs: Vec<Request> = (0..rows)
+        .map(|i| Request {
+            seed: Some(100 + i as u64),
+            ..Request::new(tok.encode(&format!("Lot AB-{:03}: released, {} units.", i * 7, i)).expect("encode"), Constraint::think_then_json(schema(), 8))
+        })
+        .collect();
+    let config = GenerateConfig {
+        max_new_tokens: 60,
+        sampling: SamplingConfig { temperature, seed: 9, ..Default::default() },
+        ..Default::default()
+    };
+    let (outs, stats) = generator.generate(&model, &reqs, &config).expect("generate");
+    let mut longest_alone = 0;
+    for (i, (r, o)) in reqs.iter().zip(&outs).enumerate() {
+        let (own, own_stats) = generator.generate(&model, std::slice::from_ref(r), &config).expect("alone");
+        longest_alone = longest_alone.max(own_stats.steps);
+        assert_eq!((&o.tokens, o.finish, &o.text), (&own[0].tokens, own[0].finish, &own[0].text), "request {i}");
+        let full: Vec<u32> = r.prompt.iter().chain(&o.tokens).copied().collect();
+        let batch = TokenBatch::new(std::slice::from_ref(&full), Padding::Right, 0).expect("batch");
+        let logits = common::to_vec(model.forward(&batch).expect("forward"));
+        let v = model.config().vocab_size;
+        for (k, &t) in o.tokens.iter().enumerate() {
+            let pos = r.prompt.len() + k - 1;
+            let want = thinkjson_decode::token_logprob(&logits[pos * v..(pos + 1) * v], t as usize, temperature);
+            assert!((o.logprobs[k] - want).abs() < 1e-4, "request {i} token {k}: {} vs {want}", o.logprobs[k]);
+        }
+    }
+    // Alone, a sequence takes one pass per sampled token; the batch took more passes than
+    // the longest of them, so some forced run was split.
+    assert!(stats.forced_tokens > 0, "the grammar should force some tokens");
+    assert!(stats.steps > longest_alone, "no forced run was split: {} passes vs {longest_alone} alone", stats.steps);
+}
+
 #[test]
 fn finish_reasons_length_stop_and_grammar() {
     let tok = qwen();

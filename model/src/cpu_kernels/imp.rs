@@ -164,6 +164,18 @@ fn xw(x: &[f32], w: &[f32], m: usize, k: usize, n: usize, y: &mut [f32]) {
     });
 }
 
+/// Weight rows ahead of the one in use that a tile asks the cache for.
+const PREFETCH_ROWS: usize = 16;
+
+/// Asks for the panel's cache line `PREFETCH_ROWS` weight rows ahead: the rows lie `n`
+/// floats apart (often more than a 4 KiB page), which the hardware prefetchers do not follow.
+/// A prefetch never faults, so one past the end of `w` is harmless.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn prefetch_ahead(row: *const f32, n: usize) {
+    _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(PREFETCH_ROWS * n) as *const i8);
+}
+
 /// Lane mask of an 8-lane vector whose first `left` lanes (at most 8) are in bounds.
 #[inline]
 #[target_feature(enable = "avx2")]
@@ -203,6 +215,8 @@ unsafe fn xw_tile_wide<const R: usize, const FULL: bool>(x: *const f32, k: usize
     let mut acc = [[_mm256_setzero_ps(); 4]; R];
     for kk in 0..k {
         let row = w.add(kk * n);
+        prefetch_ahead(row, n);
+        prefetch_ahead(row.wrapping_add(16), n);
         let mut xv = [_mm256_setzero_ps(); R];
         for (r, v) in xv.iter_mut().enumerate() {
             *v = _mm256_set1_ps(*x.add(r * k + kk));
@@ -227,6 +241,7 @@ unsafe fn xw_tile_narrow<const R: usize, const FULL: bool>(x: *const f32, k: usi
     let mut acc = [[_mm256_setzero_ps(); 2]; R];
     for kk in 0..k {
         let row = w.add(kk * n);
+        prefetch_ahead(row, n);
         let w0 = load8(row, full, masks[0]);
         let w1 = load8(row.wrapping_add(8), full, masks[1]);
         for (r, acc) in acc.iter_mut().enumerate() {

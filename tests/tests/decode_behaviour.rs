@@ -5,9 +5,9 @@ mod common;
 
 use serde_json::{json, Value};
 use thinkjson_decode::{
-    Constraint, DecodeError, FinishReason, GenerateConfig, Generator, JsonStyle, Request, SamplingConfig,
+    Completion, Constraint, DecodeError, FinishReason, GenerateConfig, Generator, JsonStyle, Request, SamplingConfig,
 };
-use thinkjson_model::{Padding, TokenBatch, Tokenizer};
+use thinkjson_model::{CausalLm, CpuBackend, Padding, TokenBatch, Tokenizer};
 
 use common::{qwen, tiny};
 
@@ -95,17 +95,22 @@ fn logprobs_of_sampled_and_forced_tokens_match_a_full_forward() {
     };
     let (outs, stats) = generator.generate(&model, &reqs, &config).expect("generate");
     assert!(stats.forced_tokens > 0, "the grammar should force some tokens");
-    for (r, o) in reqs.iter().zip(&outs) {
-        let full: Vec<u32> = r.prompt.iter().chain(&o.tokens).copied().collect();
-        let batch = TokenBatch::new(std::slice::from_ref(&full), Padding::Right, 0).expect("batch");
-        let logits = common::to_vec(model.forward(&batch).expect("forward"));
-        let v = model.config().vocab_size;
-        for (k, &t) in o.tokens.iter().enumerate() {
-            let pos = r.prompt.len() + k - 1;
-            let row: Vec<f32> = logits[pos * v..(pos + 1) * v].to_vec();
-            let want = thinkjson_decode::token_logprob(&row, t as usize, temperature);
-            assert!((o.logprobs[k] - want).abs() < 1e-4, "token {k}: {} vs {want}", o.logprobs[k]);
-        }
+    for (i, (r, o)) in reqs.iter().zip(&outs).enumerate() {
+        assert_logprobs_of_full_forward(&model, r, o, temperature, i);
+    }
+}
+
+/// Every log-prob of `o` (sampled and forced tokens) within 1e-4 of a full forward's over
+/// prompt + completion.
+fn assert_logprobs_of_full_forward(model: &CausalLm<CpuBackend>, r: &Request, o: &Completion, temperature: f32, request: usize) {
+    let full: Vec<u32> = r.prompt.iter().chain(&o.tokens).copied().collect();
+    let batch = TokenBatch::new(std::slice::from_ref(&full), Padding::Right, 0).expect("batch");
+    let logits = common::to_vec(model.forward(&batch).expect("forward"));
+    let v = model.config().vocab_size;
+    for (k, &t) in o.tokens.iter().enumerate() {
+        let pos = r.prompt.len() + k - 1;
+        let want = thinkjson_decode::token_logprob(&logits[pos * v..(pos + 1) * v], t as usize, temperature);
+        assert!((o.logprobs[k] - want).abs() < 1e-4, "request {request} token {k}: {} vs {want}", o.logprobs[k]);
     }
 }
 
@@ -137,15 +142,7 @@ fn forced_runs_split_over_passes_keep_tokens_and_logprobs() {
         let (own, own_stats) = generator.generate(&model, std::slice::from_ref(r), &config).expect("alone");
         longest_alone = longest_alone.max(own_stats.steps);
         assert_eq!((&o.tokens, o.finish, &o.text), (&own[0].tokens, own[0].finish, &own[0].text), "request {i}");
-        let full: Vec<u32> = r.prompt.iter().chain(&o.tokens).copied().collect();
-        let batch = TokenBatch::new(std::slice::from_ref(&full), Padding::Right, 0).expect("batch");
-        let logits = common::to_vec(model.forward(&batch).expect("forward"));
-        let v = model.config().vocab_size;
-        for (k, &t) in o.tokens.iter().enumerate() {
-            let pos = r.prompt.len() + k - 1;
-            let want = thinkjson_decode::token_logprob(&logits[pos * v..(pos + 1) * v], t as usize, temperature);
-            assert!((o.logprobs[k] - want).abs() < 1e-4, "request {i} token {k}: {} vs {want}", o.logprobs[k]);
-        }
+        assert_logprobs_of_full_forward(&model, r, o, temperature, i);
     }
     // Alone, a sequence takes one pass per sampled token; the batch took more passes than
     // the longest of them, so some forced run was split.

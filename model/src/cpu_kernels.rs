@@ -1,6 +1,6 @@
 //! Inference kernels for the CPU backend: projections and the vocabulary head for up to
 //! [`MAX_ROWS`] rows (a decode step), grouped-query attention for inference (decode steps
-//! over the KV cache, and prefills), and RoPE.
+//! over the KV cache, and prefills), RoPE, and SwiGLU's `silu(gate) · up`.
 //!
 //! A decode step multiplies one row per sequence by every weight of the model and reads every
 //! cached key and value once: its floor is memory traffic, not arithmetic (SmolLM2-135M:
@@ -27,7 +27,7 @@ pub(crate) const MAX_ROWS: usize = 32;
 mod imp;
 
 #[cfg(all(feature = "flex", target_arch = "x86_64"))]
-pub(crate) use imp::{attention, contiguous, matmul_few_rows, rope};
+pub(crate) use imp::{attention, contiguous, matmul_few_rows, rope, swiglu};
 
 #[cfg(test)]
 pub(crate) use imp::available;
@@ -54,6 +54,10 @@ mod imp {
         None
     }
 
+    pub(crate) fn swiglu<B: Backend>(_: &Tensor<B, 3>, _: &Tensor<B, 3>) -> Option<Tensor<B, 3>> {
+        None
+    }
+
     pub(crate) fn attention<B: Backend>(
         _: &Tensor<B, 4>,
         _: &[(Tensor<B, 4>, Tensor<B, 4>)],
@@ -65,4 +69,4 @@ mod imp {
 }
 
 #[cfg(not(all(feature = "flex", target_arch = "x86_64")))]
-pub(crate) use imp::{attention, contiguous, matmul_few_rows, rope};
+pub(crate) use imp::{attention, contiguous, matmul_few_rows, rope, swiglu};

@@ -25,6 +25,10 @@ use burn::tensor::{Tensor, TensorPrimitive};
 /// `silu(gate) * up`. Same values on every backend; on the CPU training backend the
 /// backward pass keeps two tensors instead of four.
 pub(crate) fn swiglu<B: Backend>(gate: Tensor<B, 3>, up: Tensor<B, 3>) -> Tensor<B, 3> {
+    // Inference on the CPU: one parallel pass with burn's bits.
+    if let Some(out) = crate::cpu_kernels::swiglu(&gate, &up) {
+        return out;
+    }
     match lean::<B, crate::CpuBackend>(gate, up) {
         Ok(out) => out,
         Err((gate, up)) => silu(gate) * up,

@@ -11,6 +11,11 @@ use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
 use super::MAX_ROWS;
+use softmax::softmax_in_place;
+pub(crate) use swiglu::swiglu;
+
+mod softmax;
+mod swiglu;
 
 /// Whether this CPU runs the kernels (AVX2 and FMA; checked once). Every x86-64 CPU with
 /// AVX-512 has them too, so one code path gives the same sums on both kinds of machine.
@@ -401,6 +406,7 @@ impl<'a> View<'a> {
     }
 
     /// The contiguous last-dimension row at `(a, b, c)`.
+    #[inline(always)]
     fn row(&self, a: usize, b: usize, c: usize) -> &'a [f32] {
         let at = self.start + a * self.strides[0] + b * self.strides[1] + c * self.strides[2];
         &self.data[at..at + self.dims[3]]
@@ -696,20 +702,6 @@ unsafe fn weigh_values<const CH: usize>(weights: &[f32], views: &[(View, View)],
 /// Query heads per KV head the attention kernel takes (GQA groups; larger groups keep
 /// burn's path).
 const MAX_REP: usize = 8;
-
-/// Softmax of a row that has at least one finite score (every query sees itself).
-fn softmax_in_place(scores: &mut [f32]) {
-    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f32;
-    for x in scores.iter_mut() {
-        *x = (*x - max).exp();
-        sum += *x;
-    }
-    let inv = 1.0 / sum;
-    for x in scores.iter_mut() {
-        *x *= inv;
-    }
-}
 
 #[cfg(test)]
 mod tests {

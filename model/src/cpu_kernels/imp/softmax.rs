@@ -1,10 +1,10 @@
 //! Softmax of a row of attention scores, with `expf` computed eight lanes at a time and
-//! giving libm's bits.
+//! giving libm's bits ([`exp8`], which SwiGLU's kernel uses too).
 //!
 //! Scalar `expf` and the loop around it were 4–7 % of a prefill's and of a decode step's
 //! `perf` samples. Changing the last bit of a probability would change greedy tokens here
-//! and there and GRPO's sampled draws everywhere, so every figure measured on the scalar
-//! loop; instead, each lane computes what glibc's `expf` computes on x86-64 CPUs with FMA
+//! and there and GRPO's sampled draws everywhere, and with them every figure measured on the
+//! scalar loop. So each lane computes what glibc's `expf` computes on x86-64 CPUs with FMA
 //! (the `__expf_fma` variant its resolver picks on every CPU these kernels run on): x
 //! widened to f64, `x·32/ln 2` split by a rounding constant into an integer k and a
 //! remainder r, `2^(k/32)` as a 32-entry table of `2^(i/32)` with k's high bits added to the

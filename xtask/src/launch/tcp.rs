@@ -192,6 +192,10 @@ fn host(r: &Rendezvous) -> Result<Vec<TcpStream>> {
         let allowed = if r.allow.is_empty() { from.ip().is_loopback() } else { r.allow.contains(&from.ip()) };
         if !allowed {
             eprintln!("launch: refused a peer from {from}: address not allowed (--allow)");
+            // Read its greeting first: closing a socket with unread data resets the
+            // connection, and the peer then saw "broken pipe" instead of the reason.
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+            let _ = read_frame(&mut stream);
             let _ = write_frame(&mut stream, ABORT, b"refused: address not allowed");
             continue;
         }
@@ -234,9 +238,17 @@ fn connect(r: &Rendezvous) -> Result<TcpStream> {
         }
     };
     let hello = Hello { protocol: PROTOCOL.into(), token: r.token.clone(), rank: r.rank, nodes: r.nodes };
-    write_frame(&mut stream, HELLO, &serde_json::to_vec(&hello)?).context("greeting rank 0")?;
+    let greeted = write_frame(&mut stream, HELLO, &serde_json::to_vec(&hello)?);
     stream.set_read_timeout(Some(r.join_timeout)).context("rendezvous stream")?;
-    match read_frame(&mut stream) {
+    let answer = read_frame(&mut stream);
+    // A refused greeting may fail to send once rank 0 has closed; its reason, when it
+    // arrived, says more than the failed write.
+    if let Err(e) = greeted {
+        if !matches!(answer, Ok((kind, _)) if kind != DATA) {
+            return Err(e).context("greeting rank 0");
+        }
+    }
+    match answer {
         Ok((DATA, _)) => Ok(stream),
         Ok((_, why)) => bail!("rank 0 at {} {}", r.address, String::from_utf8_lossy(&why)),
         Err(e) => Err(e).with_context(|| format!("waiting to be admitted by rank 0 at {}", r.address)),

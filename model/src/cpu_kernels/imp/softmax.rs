@@ -164,7 +164,7 @@ mod tests {
         }
     }
 
-    /// Every float of [−104, 0] at a stride of 61 bit patterns (about 17 M inputs), the
+    /// Every float of [−104, 0] at a stride of 61 bit patterns (about 18 M inputs), the
     /// special cases around them, and ±0: exact equality with libm.
     #[test]
     #[cfg(target_env = "gnu")]

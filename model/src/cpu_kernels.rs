@@ -1,6 +1,7 @@
 //! Inference kernels for the CPU backend: projections and the vocabulary head for up to
 //! [`MAX_ROWS`] rows (a decode step), grouped-query attention for inference (decode steps
-//! over the KV cache, and prefills), RoPE, and SwiGLU's `silu(gate) · up`.
+//! over the KV cache, and prefills), RoPE, and SwiGLU's `silu(gate) · up` — the one kernel
+//! training uses too, with its backward pass, both with burn's bits.
 //!
 //! A decode step multiplies one row per sequence by every weight of the model and reads every
 //! cached key and value once: its floor is memory traffic, not arithmetic (SmolLM2-135M:
@@ -16,8 +17,9 @@
 //!
 //! Recognised at run time as [`crate::lean_mlp`] is: only the plain CPU backend (no autodiff)
 //! on f32 tensors, with AVX2 and FMA, takes these paths. Every function returns `None` when it
-//! does not apply and the caller runs burn's ops, so other backends, dtypes and CPUs, and
-//! training, are unchanged.
+//! does not apply and the caller runs burn's ops, so other backends, dtypes and CPUs are
+//! unchanged. Training reaches the SwiGLU kernels through [`crate::lean_mlp`]'s custom op,
+//! which hands them the plain backend's tensors.
 
 /// Largest row count (batch × new positions) a projection sends here; more rows (a prefill)
 /// reuse each weight enough for burn's packed GEMM to pay off.
@@ -27,7 +29,7 @@ pub(crate) const MAX_ROWS: usize = 32;
 mod imp;
 
 #[cfg(all(feature = "flex", target_arch = "x86_64"))]
-pub(crate) use imp::{attention, contiguous, matmul_few_rows, rope, swiglu};
+pub(crate) use imp::{attention, contiguous, matmul_few_rows, rope, swiglu, swiglu_backward};
 
 #[cfg(test)]
 pub(crate) use imp::available;
@@ -58,6 +60,12 @@ mod imp {
         None
     }
 
+    pub(crate) type Gradients<B> = (Option<Tensor<B, 3>>, Option<Tensor<B, 3>>);
+
+    pub(crate) fn swiglu_backward<B: Backend>(_: &Tensor<B, 3>, _: &Tensor<B, 3>, _: &Tensor<B, 3>, _: bool, _: bool) -> Option<Gradients<B>> {
+        None
+    }
+
     pub(crate) fn attention<B: Backend>(
         _: &Tensor<B, 4>,
         _: &[(Tensor<B, 4>, Tensor<B, 4>)],
@@ -69,4 +77,4 @@ mod imp {
 }
 
 #[cfg(not(all(feature = "flex", target_arch = "x86_64")))]
-pub(crate) use imp::{attention, contiguous, matmul_few_rows, rope, swiglu};
+pub(crate) use imp::{attention, contiguous, matmul_few_rows, rope, swiglu, swiglu_backward};

@@ -5,7 +5,8 @@
 //! backward pass: four intermediate-sized tensors per layer and token, the largest share of a
 //! training pass's memory (SmolLM2: intermediate 1,536 vs hidden 576). Here the forward runs
 //! on the inner backend and the backward rebuilds `σ(g)` from `g`:
-//! `d_up = d · silu(g)`, `d_gate = d · u · σ(g) · (1 + g · (1 − σ(g)))`.
+//! `d_up = d · silu(g)`, `d_gate = d · u · σ(g) · (1 + g · (1 − σ(g)))`. On the CPU both
+//! directions are one parallel pass each ([`crate::cpu_kernels`]), with the composed ops' bits.
 //!
 //! As for [`crate::lean_attention`], burn offers no custom-op hook in a `Backend`-generic
 //! model, so the CPU training backend is recognised by type at run time; every other backend
@@ -51,7 +52,9 @@ fn lean<B: Backend, I: Backend>(gate: Tensor<B, 3>, up: Tensor<B, 3>) -> Result<
         return Err((gate, up));
     };
     let inner = |p: &Primitive<I>| Tensor::<I, 3>::from_primitive(TensorPrimitive::Float(p.primitive.clone()));
-    let out = (silu(inner(&ga)) * inner(&ua)).into_primitive().tensor();
+    let (g, u) = (inner(&ga), inner(&ua));
+    // On the CPU one parallel pass with burn's bits; the composed ops elsewhere.
+    let out = crate::cpu_kernels::swiglu(&g, &u).unwrap_or_else(|| silu(g) * u).into_primitive().tensor();
     let out: Primitive<I> = match SwigluBackward.prepare::<NoCheckpointing>([ga.node.clone(), ua.node.clone()]).compute_bound().stateful() {
         OpsKind::Tracked(prep) => prep.finish((ga.primitive, ua.primitive), out),
         OpsKind::UnTracked(prep) => prep.finish(out),
@@ -74,6 +77,15 @@ impl<I: Backend> Backward<I, 2> for SwigluBackward {
         let (gate, up) = (float(gate), float(up));
         let d = float(grads.consume::<I>(&ops.node));
         let [p_gate, p_up] = ops.parents;
+        // On the CPU one parallel pass with the bits of the ops below.
+        if let Some((d_gate, d_up)) = crate::cpu_kernels::swiglu_backward(&gate, &up, &d, p_gate.is_some(), p_up.is_some()) {
+            for (node, grad) in [(p_gate, d_gate), (p_up, d_up)] {
+                if let (Some(node), Some(grad)) = (node, grad) {
+                    grads.register::<I>(node.id, grad.into_primitive().tensor());
+                }
+            }
+            return;
+        }
         let sig = sigmoid(gate.clone());
         if let Some(node) = p_up {
             let d_up = d.clone() * gate.clone() * sig.clone();

@@ -12,7 +12,7 @@ use rayon::prelude::*;
 
 use super::MAX_ROWS;
 use softmax::softmax_in_place;
-pub(crate) use swiglu::swiglu;
+pub(crate) use swiglu::{swiglu, swiglu_backward};
 
 mod softmax;
 mod swiglu;

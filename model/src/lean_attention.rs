@@ -48,6 +48,47 @@ fn fused<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Tenso
     attention(q, k, v, None, None, options)
 }
 
+/// burn's fused CPU kernel computes the (batch, head) pairs one after another on one thread.
+/// Each pair is computed alone (its own scratch; the tiling depends on the lengths only), so
+/// handing the pairs to rayon's threads gives the same bits in less time.
+fn fused_by_heads<I: Backend>(q: Tensor<I, 4>, k: Tensor<I, 4>, v: Tensor<I, 4>) -> Tensor<I, 4> {
+    let inputs = [q, k, v];
+    let [out] = by_heads(&inputs, |[q, k, v]| [fused(q, k, v)]).unwrap_or_else(|| {
+        let [q, k, v] = inputs;
+        [fused(q, k, v)]
+    });
+    out
+}
+
+/// `f` applied to each (batch, head) pair of `inputs` (all `[batch, heads, …]`) on rayon's
+/// threads, its outputs put back together as `[batch, heads, …]`; `None` where there is
+/// nothing to split or no second thread.
+#[cfg(feature = "flex")]
+fn by_heads<I: Backend, const N: usize, const M: usize>(
+    inputs: &[Tensor<I, 4>; N],
+    f: impl Fn([Tensor<I, 4>; N]) -> [Tensor<I, 4>; M] + Sync,
+) -> Option<[Tensor<I, 4>; M]> {
+    use rayon::prelude::*;
+    let [b, h, _, _] = inputs.first()?.dims();
+    if b * h < 2 || rayon::current_num_threads() < 2 {
+        return None;
+    }
+    let pair = |i: usize| inputs.clone().map(|t| t.slice([i / h..i / h + 1, i % h..i % h + 1]));
+    let parts: Vec<[Tensor<I, 4>; M]> = (0..b * h).into_par_iter().map(|i| f(pair(i))).collect();
+    Some(std::array::from_fn(|m| {
+        let rows = parts.chunks(h).map(|heads| Tensor::cat(heads.iter().map(|out| out[m].clone()).collect(), 1)).collect();
+        Tensor::cat(rows, 0)
+    }))
+}
+
+#[cfg(not(feature = "flex"))]
+fn by_heads<I: Backend, const N: usize, const M: usize>(
+    _: &[Tensor<I, 4>; N],
+    _: impl Fn([Tensor<I, 4>; N]) -> [Tensor<I, 4>; M] + Sync,
+) -> Option<[Tensor<I, 4>; M]> {
+    None
+}
+
 type Inner<I> = <I as BackendTypes>::FloatTensorPrimitive;
 type Parts<B> = (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>);
 type Primitive<I> = <Autodiff<I> as BackendTypes>::FloatTensorPrimitive;
@@ -66,7 +107,7 @@ fn lean<B: Backend, I: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4
         return Err((q, k, v));
     };
     let inner = |p: &Primitive<I>| Tensor::<I, 4>::from_primitive(TensorPrimitive::Float(p.primitive.clone()));
-    let out = fused(inner(&qa), inner(&ka), inner(&va)).into_primitive().tensor();
+    let out = fused_by_heads(inner(&qa), inner(&ka), inner(&va)).into_primitive().tensor();
     let [b, h, s, _] = q.dims();
     let keys = k.dims()[2];
     let block = block.unwrap_or_else(|| (BLOCK_ELEMENTS / (b * h * keys).max(1)).clamp(16, s.max(16)));
@@ -99,7 +140,14 @@ impl<I: Backend> Backward<I, 3> for RecomputedAttention {
         let (q, k, v) = ops.state;
         let (q, k, v) = (float(q), float(k), float(v));
         let d_out = float(grads.consume::<I>(&ops.node));
-        let [dq, dk, dv] = recomputed_grads(q, k, v, d_out, self.block);
+        // Pairs apart, as in the forward pass: each pair's gradients are its own ops on its
+        // own rows, with the same query blocks.
+        let block = self.block;
+        let inputs = [q, k, v, d_out];
+        let [dq, dk, dv] = by_heads(&inputs, |[q, k, v, d_out]| recomputed_grads(q, k, v, d_out, block)).unwrap_or_else(|| {
+            let [q, k, v, d_out] = inputs;
+            recomputed_grads(q, k, v, d_out, block)
+        });
         let [pq, pk, pv] = ops.parents;
         for (parent, grad) in [(pq, dq), (pk, dk), (pv, dv)] {
             if let Some(node) = parent {
@@ -200,6 +248,33 @@ mod tests {
             for (what, a, b) in [("output", o1, o2), ("dq", q1, q2), ("dk", k1, k2), ("dv", v1, v2)] {
                 let diff = max_diff(a, b);
                 assert!(diff < 1e-5, "{s} queries, {keys} keys, block {block}: {what} differs by {diff}");
+            }
+        }
+    }
+
+    /// The (batch, head) pairs apart on two threads give the one-thread kernels' bits: the
+    /// output and all three gradients, with burn's naive and flash kernels (more than 512²
+    /// scores), a cached prefix, lengths off the 8-lane grid and a strided query.
+    #[cfg(feature = "flex")]
+    #[test]
+    fn pairs_on_threads_give_the_serial_bits() {
+        let device = Default::default();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap_or_else(|e| panic!("{e}"));
+        let bits = |t: Tensor<CpuBackend, 4>| t.into_data().to_vec::<f32>().unwrap_or_default().iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for (b, h, s, keys, d, block) in [(2, 3, 37, 37, 8, 16), (1, 2, 530, 530, 16, 200), (3, 2, 21, 50, 8, 8)] {
+            let random = |shape: [usize; 4]| Tensor::<CpuBackend, 4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+            let q = random([b, s, h, d]).swap_dims(1, 2);
+            let (k, v, g) = (random([b, h, keys, d]), random([b, h, keys, d]), random([b, h, s, d]));
+            let serial = bits(fused(q.clone(), k.clone(), v.clone()));
+            let parallel = bits(pool.install(|| fused_by_heads(q.clone(), k.clone(), v.clone())));
+            assert!(!serial.is_empty() && serial == parallel, "{b}×{h}×{s}×{keys}: output");
+            let serial = recomputed_grads(q.clone(), k.clone(), v.clone(), g.clone(), block);
+            let parallel = pool
+                .install(|| by_heads(&[q.clone(), k.clone(), v.clone(), g.clone()], |[q, k, v, g]| recomputed_grads(q, k, v, g, block)))
+                .unwrap_or_else(|| panic!("two threads, several pairs: split"));
+            for (i, what) in ["dq", "dk", "dv"].into_iter().enumerate() {
+                let (a, b) = (bits(serial[i].clone()), bits(parallel[i].clone()));
+                assert!(!a.is_empty() && a == b, "{what} ({s} queries, {keys} keys)");
             }
         }
     }

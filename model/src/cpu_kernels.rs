@@ -29,7 +29,7 @@ pub(crate) const MAX_ROWS: usize = 32;
 mod imp;
 
 #[cfg(all(feature = "flex", target_arch = "x86_64"))]
-pub(crate) use imp::{attention, contiguous, matmul_few_rows, rope, swiglu, swiglu_backward};
+pub(crate) use imp::{attention, contiguous, matmul_few_rows, rope, rope_backward, swiglu, swiglu_backward};
 
 #[cfg(test)]
 pub(crate) use imp::available;
@@ -56,6 +56,10 @@ mod imp {
         None
     }
 
+    pub(crate) fn rope_backward<B: Backend>(_: &Tensor<B, 4>, _: &Tensor<B, 4>, _: &Tensor<B, 4>) -> Option<Tensor<B, 4>> {
+        None
+    }
+
     pub(crate) fn swiglu<B: Backend>(_: &Tensor<B, 3>, _: &Tensor<B, 3>) -> Option<Tensor<B, 3>> {
         None
     }
@@ -77,4 +81,4 @@ mod imp {
 }
 
 #[cfg(not(all(feature = "flex", target_arch = "x86_64")))]
-pub(crate) use imp::{attention, contiguous, matmul_few_rows, rope, swiglu, swiglu_backward};
+pub(crate) use imp::{attention, contiguous, matmul_few_rows, rope, rope_backward, swiglu, swiglu_backward};

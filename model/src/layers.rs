@@ -108,11 +108,15 @@ impl<B: Backend> Rope<B> {
         if let Some(out) = crate::cpu_kernels::rope(&x, &self.cos, &self.sin) {
             return out;
         }
-        self.apply_ops(x)
+        // Training on the CPU: the same kernel forward, and one for the backward pass.
+        match crate::lean_rope::rope(x, &self.cos, &self.sin) {
+            Ok(out) => out,
+            Err(x) => self.apply_ops(x),
+        }
     }
 
-    /// [`Rope::apply`] by burn's tensor ops (training, other backends).
-    fn apply_ops(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    /// [`Rope::apply`] by burn's tensor ops (other backends).
+    pub(crate) fn apply_ops(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let [b, s, h, d] = x.dims();
         let half = d / 2;
         let x1 = x.clone().slice([0..b, 0..s, 0..h, 0..half]);

@@ -40,6 +40,7 @@ mod cpu_kernels;
 mod layers;
 mod lean_attention;
 mod lean_mlp;
+mod lean_rope;
 pub mod lora;
 mod model;
 mod pretrained;

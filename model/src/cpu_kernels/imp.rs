@@ -381,6 +381,37 @@ pub(crate) fn rope<B: Backend>(x: &Tensor<B, 4>, cos: &Tensor<B, 4>, sin: &Tenso
     tensor_of(out, [b, s, h, d])
 }
 
+/// The gradient of [`rope`] with respect to `x`, for the gradient `g` of its output:
+/// `g·cos + rotate_halfᵀ(g·sin)`, i.e. `g[j]·cos[j] + g[j+½]·sin[j+½]` in the first half of
+/// a head and `g[j]·cos[j] + (−(g[j−½]·sin[j−½]))` in the second. Rounded as burn's autodiff
+/// of the composed ops rounds it: each product, then the sum, then `+ 0` (burn adds each
+/// slice's gradient padded with zeros, which turns a −0 sum into +0). `None` where it does
+/// not apply.
+pub(crate) fn rope_backward<B: Backend>(g: &Tensor<B, 4>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4>) -> Option<Tensor<B, 4>> {
+    let [b, s, h, d] = g.dims();
+    if b * s * h * d == 0 || d % 2 != 0 || cos.dims() != [b, s, 1, d] || sin.dims() != [b, s, 1, d] {
+        return None;
+    }
+    let (gf, cf, sf) = (flex(g)?.to_contiguous(), flex(cos)?.to_contiguous(), flex(sin)?.to_contiguous());
+    let (gs, cs, ss) = (gf.as_slice::<f32>()?, cf.as_slice::<f32>()?, sf.as_slice::<f32>()?);
+    if gs.len() != b * s * h * d || cs.len() != b * s * d || ss.len() != b * s * d {
+        return None;
+    }
+    let (row, half) = (h * d, d / 2);
+    let mut dx = vec![0f32; b * s * row];
+    let per_task = (b * s).div_ceil(4 * rayon::current_num_threads()).max(1);
+    dx.par_chunks_mut(row).with_min_len(per_task).enumerate().for_each(|(i, o)| {
+        let (gr, c, sn) = (&gs[i * row..(i + 1) * row], &cs[i * d..(i + 1) * d], &ss[i * d..(i + 1) * d]);
+        for (gh, oh) in gr.chunks_exact(d).zip(o.chunks_exact_mut(d)) {
+            for j in 0..half {
+                oh[j] = (gh[j] * c[j] + gh[j + half] * sn[j + half]) + 0.0;
+                oh[j + half] = (gh[j + half] * c[j + half] + -(gh[j] * sn[j])) + 0.0;
+            }
+        }
+    });
+    tensor_of(dx, [b, s, h, d])
+}
+
 /// A strided `[d0, d1, d2, d3]` f32 view whose last dimension is contiguous.
 struct View<'a> {
     data: &'a [f32],

@@ -357,28 +357,13 @@ unsafe fn xwt_tile<const R: usize, const C: usize>(x: *const f32, k: usize, wt: 
 /// bit for bit theirs; burn's path broadcasts the tables through a strided iterator, 15 % of
 /// a 600-token prefill here. `None` where it does not apply.
 pub(crate) fn rope<B: Backend>(x: &Tensor<B, 4>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4>) -> Option<Tensor<B, 4>> {
-    let [b, s, h, d] = x.dims();
-    if b * s * h * d == 0 || d % 2 != 0 || cos.dims() != [b, s, 1, d] || sin.dims() != [b, s, 1, d] {
-        return None;
-    }
-    let (xf, cf, sf) = (flex(x)?.to_contiguous(), flex(cos)?.to_contiguous(), flex(sin)?.to_contiguous());
-    let (xs, cs, ss) = (xf.as_slice::<f32>()?, cf.as_slice::<f32>()?, sf.as_slice::<f32>()?);
-    if xs.len() != b * s * h * d || cs.len() != b * s * d || ss.len() != b * s * d {
-        return None;
-    }
-    let (row, half) = (h * d, d / 2);
-    let mut out = vec![0f32; b * s * row];
-    let per_task = (b * s).div_ceil(4 * rayon::current_num_threads()).max(1);
-    out.par_chunks_mut(row).with_min_len(per_task).enumerate().for_each(|(i, o)| {
-        let (xr, c, sn) = (&xs[i * row..(i + 1) * row], &cs[i * d..(i + 1) * d], &ss[i * d..(i + 1) * d]);
-        for (xh, oh) in xr.chunks_exact(d).zip(o.chunks_exact_mut(d)) {
-            for j in 0..half {
-                oh[j] = xh[j] * c[j] + (-xh[j + half]) * sn[j];
-                oh[j + half] = xh[j + half] * c[j + half] + xh[j] * sn[j + half];
-            }
+    per_head_with_tables(x, cos, sin, |xh, c, sn, oh| {
+        let half = xh.len() / 2;
+        for j in 0..half {
+            oh[j] = xh[j] * c[j] + (-xh[j + half]) * sn[j];
+            oh[j + half] = xh[j + half] * c[j + half] + xh[j] * sn[j + half];
         }
-    });
-    tensor_of(out, [b, s, h, d])
+    })
 }
 
 /// The gradient of [`rope`] with respect to `x`, for the gradient `g` of its output:
@@ -388,28 +373,38 @@ pub(crate) fn rope<B: Backend>(x: &Tensor<B, 4>, cos: &Tensor<B, 4>, sin: &Tenso
 /// slice's gradient padded with zeros, which turns a −0 sum into +0). `None` where it does
 /// not apply.
 pub(crate) fn rope_backward<B: Backend>(g: &Tensor<B, 4>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4>) -> Option<Tensor<B, 4>> {
-    let [b, s, h, d] = g.dims();
+    per_head_with_tables(g, cos, sin, |gh, c, sn, oh| {
+        let half = gh.len() / 2;
+        for j in 0..half {
+            oh[j] = (gh[j] * c[j] + gh[j + half] * sn[j + half]) + 0.0;
+            oh[j + half] = (gh[j + half] * c[j + half] + -(gh[j] * sn[j])) + 0.0;
+        }
+    })
+}
+
+/// `head(x_head, cos, sin, out_head)` for every head of a row-major `[b, s, h, d]` `x` with
+/// its position's rows of the `[b, s, 1, d]` tables, positions split over rayon's threads;
+/// `None` where the shapes or the backend do not fit.
+fn per_head_with_tables<B: Backend>(x: &Tensor<B, 4>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4>, head: impl Fn(&[f32], &[f32], &[f32], &mut [f32]) + Sync) -> Option<Tensor<B, 4>> {
+    let [b, s, h, d] = x.dims();
     if b * s * h * d == 0 || d % 2 != 0 || cos.dims() != [b, s, 1, d] || sin.dims() != [b, s, 1, d] {
         return None;
     }
-    let (gf, cf, sf) = (flex(g)?.to_contiguous(), flex(cos)?.to_contiguous(), flex(sin)?.to_contiguous());
-    let (gs, cs, ss) = (gf.as_slice::<f32>()?, cf.as_slice::<f32>()?, sf.as_slice::<f32>()?);
-    if gs.len() != b * s * h * d || cs.len() != b * s * d || ss.len() != b * s * d {
+    let (xf, cf, sf) = (flex(x)?.to_contiguous(), flex(cos)?.to_contiguous(), flex(sin)?.to_contiguous());
+    let (xs, cs, ss) = (xf.as_slice::<f32>()?, cf.as_slice::<f32>()?, sf.as_slice::<f32>()?);
+    if xs.len() != b * s * h * d || cs.len() != b * s * d || ss.len() != b * s * d {
         return None;
     }
-    let (row, half) = (h * d, d / 2);
-    let mut dx = vec![0f32; b * s * row];
+    let row = h * d;
+    let mut out = vec![0f32; b * s * row];
     let per_task = (b * s).div_ceil(4 * rayon::current_num_threads()).max(1);
-    dx.par_chunks_mut(row).with_min_len(per_task).enumerate().for_each(|(i, o)| {
-        let (gr, c, sn) = (&gs[i * row..(i + 1) * row], &cs[i * d..(i + 1) * d], &ss[i * d..(i + 1) * d]);
-        for (gh, oh) in gr.chunks_exact(d).zip(o.chunks_exact_mut(d)) {
-            for j in 0..half {
-                oh[j] = (gh[j] * c[j] + gh[j + half] * sn[j + half]) + 0.0;
-                oh[j + half] = (gh[j + half] * c[j + half] + -(gh[j] * sn[j])) + 0.0;
-            }
+    out.par_chunks_mut(row).with_min_len(per_task).enumerate().for_each(|(i, o)| {
+        let (xr, c, sn) = (&xs[i * row..(i + 1) * row], &cs[i * d..(i + 1) * d], &ss[i * d..(i + 1) * d]);
+        for (xh, oh) in xr.chunks_exact(d).zip(o.chunks_exact_mut(d)) {
+            head(xh, c, sn, oh);
         }
     });
-    tensor_of(dx, [b, s, h, d])
+    tensor_of(out, [b, s, h, d])
 }
 
 /// A strided `[d0, d1, d2, d3]` f32 view whose last dimension is contiguous.

@@ -7,7 +7,8 @@
 //! SVG charts (metric bars per run; training curves from metrics JSONL). Files are the
 //! caller's business: this crate returns strings.
 //!
-//! Key types: [`Sample`], [`Prediction`], [`RunReport`], [`Report`], [`Curves`].
+//! Key types: [`Sample`], [`Prediction`], [`RunReport`], [`Report`], [`Curves`], and
+//! [`Spread`] for the same systems over several runs (seeds): mean and range per metric.
 //!
 //! ```
 //! use thinkjson_eval::{evaluate, Prediction, Sample};
@@ -22,6 +23,8 @@
 
 pub mod metrics;
 pub mod report;
+pub mod spread;
 
 pub use metrics::{evaluate, parse_jsonl, score_row, Aggregate, Prediction, RowResult, RunReport, Sample, Skipped};
 pub use report::{curves_svg, markdown, metrics_svg, Curves, Report};
+pub use spread::{spread, spread_markdown, Spread, Stat, SystemSpread};

@@ -48,7 +48,7 @@ pub struct Report {
 /// Reads one metric of an aggregate.
 type MetricFn = fn(&Aggregate) -> f64;
 
-const METRICS: &[(&str, MetricFn)] = &[
+pub(crate) const METRICS: &[(&str, MetricFn)] = &[
     ("no output", |a| a.no_output),
     ("valid JSON", |a| a.valid_json),
     ("schema-valid", |a| a.schema_valid),
@@ -59,7 +59,7 @@ const METRICS: &[(&str, MetricFn)] = &[
     ("content", |a| a.content),
 ];
 
-fn pct(x: f64) -> String {
+pub(crate) fn pct(x: f64) -> String {
     format!("{:.1} %", 100.0 * x)
 }
 

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use thinkjson_eval::{curves_svg, evaluate, markdown, metrics_svg, parse_jsonl, Curves, Prediction, Report, Sample};
+use thinkjson_eval::{curves_svg, evaluate, markdown, metrics_svg, parse_jsonl, spread, spread_markdown, Curves, Prediction, Report, Sample};
 use thinkjson_reward::ValidatorCache;
 
 #[derive(Args)]
@@ -29,6 +29,11 @@ pub struct ReportArgs {
     /// Eval directories, each with a report.json.
     #[arg(long, required = true, num_args = 1..)]
     runs: Vec<PathBuf>,
+    /// The runs are repeats of the same systems (e.g. the pipeline with three seeds): write
+    /// spread.md and spread.json, each system's metrics as the mean over the runs and the
+    /// lowest and highest run, instead of one merged report.
+    #[arg(long)]
+    spread: bool,
     #[arg(long)]
     out: PathBuf,
 }
@@ -77,14 +82,34 @@ pub fn eval(args: EvalArgs) -> Result<()> {
 }
 
 pub fn report(args: ReportArgs) -> Result<()> {
-    let mut merged = Report { runs: Vec::new(), curves: Vec::new() };
+    let mut reports = Vec::with_capacity(args.runs.len());
     for dir in &args.runs {
         let path = dir.join("report.json");
         let r: Report = serde_json::from_str(&read(&path)?).with_context(|| format!("{}: not a report", path.display()))?;
+        reports.push((dir.display().to_string(), r));
+    }
+    if args.spread {
+        return write_spread(&reports, &args.out);
+    }
+    let mut merged = Report { runs: Vec::new(), curves: Vec::new() };
+    for (_, r) in reports {
         merged.runs.extend(r.runs);
         merged.curves.extend(r.curves);
     }
     write_report(&merged, &args.out)
+}
+
+/// spread.json and spread.md of repeated runs; the mean table goes to stderr too.
+fn write_spread(reports: &[(String, Report)], out: &Path) -> Result<()> {
+    let spread = spread(reports).map_err(|e| anyhow::anyhow!("--spread: {e}"))?;
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let markdown = spread_markdown(&spread);
+    thinkjson_model::write_atomic(&out.join("spread.json"), serde_json::to_string_pretty(&spread)?.as_bytes()).context("writing spread.json")?;
+    thinkjson_model::write_atomic(&out.join("spread.md"), markdown.as_bytes()).context("writing spread.md")?;
+    let mean_table = markdown.split("\n### ").next().unwrap_or_default();
+    eprintln!("{mean_table}");
+    eprintln!("spread written to {}", out.join("spread.md").display());
+    Ok(())
 }
 
 pub fn write_report(report: &Report, out: &Path) -> Result<()> {

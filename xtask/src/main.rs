@@ -70,7 +70,8 @@ enum Verb {
     Predict(cmd_predict::PredictArgs),
     /// Score predictions (JSONL of id + completion) against a dataset and write a report directory.
     Eval(cmd_eval::EvalArgs),
-    /// Merge the report.json of several eval directories into one report.
+    /// Merge the report.json of several eval directories into one report, or (--spread) give
+    /// each system's mean and range over repeated runs such as seeds.
     Report(cmd_eval::ReportArgs),
     /// Supervised fine-tuning (completion-only loss) from a TOML config; checkpoints, metrics JSONL, --resume.
     Sft(cmd_sft::SftArgs),

@@ -289,6 +289,20 @@ mod tests {
         }
     }
 
+    /// The README's seed table: seed N differs from the default in its seeds (and `out`) only.
+    #[test]
+    fn seed_configs_are_the_default_with_other_seeds() {
+        for n in [2u64, 3] {
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../configs/pipeline-seed{n}.toml"));
+            let file: PipelineFile = crate::train_common::read_config(&path).unwrap();
+            let mut expected = PipelineFile { out: PathBuf::from(format!("runs/pipeline-seed{n}")), ..PipelineFile::default() };
+            expected.synth.seed = n;
+            expected.sft.seed = n - 1;
+            expected.grpo.seed = n - 1;
+            assert_eq!(file, expected, "{}", path.display());
+        }
+    }
+
     #[test]
     fn a_config_changes_only_the_fields_it_sets() {
         let dir = tempfile::tempdir().unwrap();

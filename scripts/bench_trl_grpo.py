@@ -8,8 +8,10 @@ GRPO speed and memory comparison (run both in one sitting on one machine).
     python scripts/bench_trl_grpo.py --model smol-hf --prompts prompts.jsonl --grpo-shape 2,8,64,3
 
 Same settings as ours: free sampling at temperature 1, beta 0, loss "dapo", one iteration per
-generation batch, no gradient accumulation, lr 1e-6, f32 on the CPU, TRL's default activation
-checkpointing (off with --no-gradient-checkpointing); a cheap length reward
+generation batch, no gradient accumulation, lr 1e-6, f32 on the CPU (TRL's GRPOConfig turns
+bf16 autocast on by default — `bf16=True` even with `use_cpu` — so f32 is set explicitly; --bf16
+measures TRL's default instead), TRL's default activation checkpointing (off with
+--no-gradient-checkpointing); a cheap length reward
 (TRL's reward time is not what is compared). Prints each step's seconds, the median of the
 steps after the first, and the peak RSS of the process as JSON.
 """
@@ -29,6 +31,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-gradient-checkpointing", action="store_true",
                     help="turn off TRL's default activation checkpointing (faster, more memory)")
+    ap.add_argument("--bf16", action="store_true",
+                    help="TRL's default bf16 autocast instead of f32 (slow where the CPU has no bf16 instructions)")
     ap.add_argument("--out", help="also write the figures here")
     args = ap.parse_args()
     per_step, g, length, steps = (int(x) for x in args.grpo_shape.split(","))
@@ -84,6 +88,7 @@ def main():
             seed=0,
             dataloader_num_workers=0,
             gradient_checkpointing=not args.no_gradient_checkpointing,
+            bf16=args.bf16,
         )
         trainer = GRPOTrainer(model=model, processing_class=tokenizer, reward_funcs=length_reward, args=config, train_dataset=data, callbacks=[timer])
         trainer.train()
@@ -93,6 +98,7 @@ def main():
         "torch": torch.__version__,
         "threads": args.threads,
         "gradient_checkpointing": not args.no_gradient_checkpointing,
+        "bf16": args.bf16,
         "shape": {"prompts_per_step": per_step, "G": g, "new_tokens": length, "steps": steps},
         "prompt_tokens_mean": statistics.mean(len(r["prompt_ids"]) for r in rows[: per_step * steps]),
         "step_s": timer.times,

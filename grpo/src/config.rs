@@ -91,6 +91,11 @@ thinkjson_model::trainer_config! {
         pub num_iterations: usize,
         /// Completions cut by `max_completion_len` carry no loss (DAPO's overlong filtering). Default false.
         pub mask_truncated_completions: bool,
+        /// Activation checkpointing of the training passes (TRL's `gradient_checkpointing`):
+        /// the forward keeps only each decoder layer's input, and the backward reruns one
+        /// layer at a time — a pass holds one layer's activations instead of all of them, for
+        /// one more forward pass of compute. Same log-probs and gradients. Default false.
+        pub gradient_checkpointing: bool,
         /// Weights of the reward functions (`[rewards]`); see `thinkjson_reward::RewardWeights`.
         pub rewards: RewardWeights,
         /// Steps between logged samples of completions (0: never). Default 10.
@@ -120,6 +125,7 @@ impl Default for GrpoConfig {
             scale_rewards: ScaleRewards::Group,
             num_iterations: 1,
             mask_truncated_completions: false,
+            gradient_checkpointing: false,
             grad_accum: 1,
             lr: 1e-6,
             warmup_ratio: 0.0,
@@ -189,6 +195,10 @@ impl GrpoConfig {
         }
         if self.grad_accum == 0 || self.grad_accum > self.completions_per_step() {
             return bad("grad_accum", "must be between 1 and prompts_per_step × num_generations");
+        }
+        if self.gradient_checkpointing && self.lora.as_ref().is_some_and(|l| l.dropout > 0.0) {
+            // The recomputed layer would draw another dropout mask than the forward did.
+            return bad("gradient_checkpointing", "cannot be used with LoRA dropout > 0 (set `lora.dropout = 0`)");
         }
         let w = &self.rewards;
         let weights = [w.format, w.json_valid, w.schema, w.field_match, w.noise, w.length, w.feedback];

@@ -20,7 +20,7 @@ use thinkjson_model::train::{
     agreed_grad_norm, all_reduce_scalar, all_reduce_step, attach_lora, check_in_sync, save_if_due, seed_step, start_or_resume, AdamW, Collective, RunFiles, Solo,
     StepTotals,
 };
-use thinkjson_model::{CausalLm, ModelError, Tokenizer};
+use thinkjson_model::{CausalLm, CheckpointedScores, ModelError, Tokenizer};
 use thinkjson_reward::{RewardSet, ValidatorCache};
 
 use crate::config::GrpoConfig;
@@ -359,7 +359,13 @@ pub fn train_data_parallel<B: AutodiffBackend>(
                             continue;
                         }
                         let t0 = Instant::now();
-                        let (logps, entropy) = pass_scores(&model, m, &rollout, &chosen, config, iteration == 0)?;
+                        let (logps, entropy, checkpointed) = if config.gradient_checkpointing {
+                            let pass = checkpointed_pass_scores(&model, m, &rollout, &chosen, config, iteration == 0)?;
+                            (pass.logps.clone(), pass.entropy.clone(), Some(pass))
+                        } else {
+                            let (logps, entropy) = pass_scores(&model, m, &rollout, &chosen, config, iteration == 0)?;
+                            (logps, entropy, None)
+                        };
                         if let Some(e) = entropy {
                             entropy_sum += e.sum().into_scalar().elem::<f64>();
                             entropy_tokens += m.positions.len();
@@ -378,7 +384,10 @@ pub fn train_data_parallel<B: AutodiffBackend>(
                         }
                         time.logprobs += t0.elapsed().as_secs_f64();
                         let t1 = Instant::now();
-                        let grads = GradientsParams::from_grads(loss.backward(), &model);
+                        let grads = match checkpointed {
+                            Some(pass) => pass.backward(loss),
+                            None => GradientsParams::from_grads(loss.backward(), &model),
+                        };
                         accumulator.accumulate(&model, grads);
                         time.backward += t1.elapsed().as_secs_f64();
                         loss_value += value;
@@ -596,12 +605,31 @@ fn pass_scores<B: Backend>(
     config: &GrpoConfig,
     entropy: bool,
 ) -> Result<(Tensor<B, 1>, Option<Tensor<B, 1>>)> {
+    let (prompt, continuations) = pass_rows(m, rollout, prompts)?;
+    Ok(model.continuation_scores(prompt, &continuations, &m.active, config.logprob_chunk, f64::from(config.temperature), entropy)?)
+}
+
+/// [`pass_scores`] with activation checkpointing (`gradient_checkpointing`).
+fn checkpointed_pass_scores<'a, B: AutodiffBackend>(
+    model: &'a CausalLm<B>,
+    m: &MicroBatch,
+    rollout: &Rollout,
+    prompts: &[&GrpoPrompt],
+    config: &GrpoConfig,
+    entropy: bool,
+) -> Result<CheckpointedScores<'a, B>> {
+    let (prompt, continuations) = pass_rows(m, rollout, prompts)?;
+    Ok(model.checkpointed_continuation_scores(prompt, &continuations, &m.active, config.logprob_chunk, f64::from(config.temperature), entropy)?)
+}
+
+/// A pass's prompt and its completions' tokens.
+fn pass_rows<'p>(m: &MicroBatch, rollout: &Rollout, prompts: &[&'p GrpoPrompt]) -> Result<(&'p [u32], Vec<Vec<u32>>)> {
     let Some(&first) = m.rows.first() else {
         return Err(GrpoError::Data("an empty training pass".into()));
     };
     let prompt = &prompts[rollout.completions[first].prompt_index].prompt;
     let continuations: Vec<Vec<u32>> = m.rows.iter().map(|&j| rollout.completions[j].completion.tokens.clone()).collect();
-    Ok(model.continuation_scores(prompt, &continuations, &m.active, config.logprob_chunk, f64::from(config.temperature), entropy)?)
+    Ok((prompt, continuations))
 }
 
 fn to_host<B: burn::tensor::backend::Backend>(t: burn::tensor::Tensor<B, 1>) -> Result<Vec<f32>> {

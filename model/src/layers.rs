@@ -7,7 +7,7 @@ use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Bool, DType, Tensor};
+use burn::tensor::{Bool, DType, Int, Tensor};
 
 use crate::lean_attention::causal_attention;
 use crate::lora::LoraAdapter;
@@ -152,6 +152,19 @@ impl<B: Backend> LayerKv<B> {
                 Tensor::cat(blocks.iter().map(|(_, v)| v.clone()).collect(), 2),
             ),
         }
+    }
+
+    /// The cache of `rows.len()` sequences where sequence `i` is this cache's sequence
+    /// `rows[i]` (rows must be in range).
+    pub(crate) fn select_rows(&self, rows: &[usize]) -> LayerKv<B> {
+        let blocks = match self.blocks.first().map(|(k, _)| k.device()) {
+            None => Vec::new(),
+            Some(device) => {
+                let idx = Tensor::<B, 1, Int>::from_data(burn::tensor::TensorData::new(rows.iter().map(|&r| r as i64).collect(), [rows.len()]), &device);
+                self.blocks.iter().map(|(k, v)| (k.clone().select(0, idx.clone()), v.clone().select(0, idx.clone()))).collect()
+            }
+        };
+        LayerKv { blocks, len: self.len }
     }
 
     /// Appends `[batch, kv_heads, s, head_dim]` keys and values to `slot`.

@@ -31,6 +31,7 @@
 //! ```
 
 mod batch;
+mod checkpointed;
 mod chat;
 mod config;
 mod device;
@@ -51,6 +52,7 @@ mod weights;
 
 pub use batch::{Padding, TokenBatch};
 pub use chat::{ChatMessage, ChatTemplate};
+pub use checkpointed::CheckpointedScores;
 pub use config::{Architecture, ModelConfig, StorageDtype, PRESETS};
 pub use device::{probe_cuda, CpuBackend, CpuTrainBackend, DeviceSpec};
 #[cfg(feature = "cuda")]

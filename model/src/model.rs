@@ -15,7 +15,7 @@ use crate::gguf::hf::GgufSource;
 use crate::gguf::GgufFile;
 use crate::layers::{project, Attention, DecoderLayer, LayerCache, LayerKv, Mlp, Projection, Rope, RmsNorm};
 use crate::lora::LoraConfig;
-use crate::weights::{transpose, write_atomic, write_safetensors, HfTensor, RandomSource, SafetensorsSource, WeightSource};
+use crate::weights::{transpose, write_atomic, write_safetensors, HfEntry, RandomSource, SafetensorsSource, WeightSource};
 
 /// A decoder-only language model (`Qwen2ForCausalLM` / `LlamaForCausalLM`).
 #[derive(Module, Debug)]
@@ -30,6 +30,22 @@ pub struct CausalLm<B: Backend> {
     /// The settings of the attached LoRA adapters (`None`: none attached).
     #[module(skip)]
     pub(crate) lora: Option<LoraConfig>,
+}
+
+/// The constant inputs of one forward pass: token ids, RoPE tables and attention mask.
+pub(crate) struct PassInputs<B: Backend> {
+    pub(crate) ids: Tensor<B, 2, Int>,
+    pub(crate) rope: Rope<B>,
+    pub(crate) mask: Option<Tensor<B, 4, Bool>>,
+}
+
+/// GRPO's continuation rows (`prompt[P − 1]` then each continuation), the flattened positions
+/// scored and their targets, and the prompt's first `P − 1` tokens (`None` when `P = 1`).
+pub(crate) struct ContinuationPass {
+    pub(crate) rows: TokenBatch,
+    pub(crate) positions: Vec<usize>,
+    pub(crate) targets: Vec<u32>,
+    pub(crate) prefix: Option<TokenBatch>,
 }
 
 /// Keys and values of every layer plus, per sequence, which cached keys are real and the
@@ -72,25 +88,8 @@ impl<B: Backend> KvCache<B> {
         if let Some(&r) = rows.iter().find(|&&r| r >= self.batch()) {
             return Err(ModelError::Input(format!("row {r} of a cache of {} sequences", self.batch())));
         }
-        let mut layers = Vec::with_capacity(self.layers.len());
-        for slot in &self.layers {
-            layers.push(match slot {
-                None => None,
-                Some(kv) => {
-                    let device = kv.blocks.first().map(|(k, _)| k.device());
-                    let blocks = match device {
-                        None => Vec::new(),
-                        Some(device) => {
-                            let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(rows.iter().map(|&r| r as i64).collect(), [rows.len()]), &device);
-                            kv.blocks.iter().map(|(k, v)| (k.clone().select(0, idx.clone()), v.clone().select(0, idx.clone()))).collect()
-                        }
-                    };
-                    Some(LayerKv { blocks, len: kv.len })
-                }
-            });
-        }
         Ok(Self {
-            layers,
+            layers: self.layers.iter().map(|slot| slot.as_ref().map(|kv| kv.select_rows(rows))).collect(),
             valid: rows.iter().map(|&r| self.valid[r].clone()).collect(),
             next_pos: rows.iter().map(|&r| self.next_pos[r]).collect(),
         })
@@ -406,6 +405,22 @@ impl<B: Backend> CausalLm<B> {
         temperature: f64,
         entropy: bool,
     ) -> Result<(Tensor<B, 1>, Option<Tensor<B, 1>>)> {
+        let pass = self.continuation_pass(prompt, continuations, active)?;
+        let hidden = match &pass.prefix {
+            None => self.hidden_states(&pass.rows)?,
+            Some(prefix) => {
+                let mut shared = KvCache::new(1, self.layers.len());
+                self.hidden_cached(prefix, &mut shared)?;
+                let mut cache = shared.select_rows(&vec![0; pass.rows.batch])?;
+                self.hidden_cached(&pass.rows, &mut cache)?
+            }
+        };
+        let n = pass.rows.batch * pass.rows.seq;
+        Ok(self.scores_at(hidden.reshape([n, self.config.hidden_size]), &pass.positions, &pass.targets, chunk, temperature, entropy))
+    }
+
+    /// The rows, scored positions and targets of [`Self::continuation_scores`], checked.
+    pub(crate) fn continuation_pass(&self, prompt: &[u32], continuations: &[Vec<u32>], active: &[usize]) -> Result<ContinuationPass> {
         if continuations.len() != active.len() || prompt.is_empty() {
             return Err(ModelError::Input(format!(
                 "{} continuations with {} active counts after a {}-token prompt (need equal counts and a prompt)",
@@ -424,31 +439,24 @@ impl<B: Backend> CausalLm<B> {
             .zip(active)
             .map(|(c, &n)| std::iter::once(prompt[prompt.len() - 1]).chain(c[..n.saturating_sub(1)].iter().copied()).collect())
             .collect();
-        let batch = TokenBatch::new(&rows, crate::batch::Padding::Right, 0)?;
+        let rows = TokenBatch::new(&rows, crate::batch::Padding::Right, 0)?;
+        let seq = rows.seq;
         let (positions, targets): (Vec<usize>, Vec<u32>) =
-            continuations.iter().zip(active).enumerate().flat_map(|(r, (c, &n))| (0..n).map(move |k| (r * batch.seq + k, c[k]))).unzip();
+            continuations.iter().zip(active).enumerate().flat_map(|(r, (c, &n))| (0..n).map(move |k| (r * seq + k, c[k]))).unzip();
         if positions.is_empty() {
             return Err(ModelError::Input("no active continuation tokens to score".into()));
         }
         for (&p, &t) in positions.iter().zip(&targets) {
-            self.config.check_token(t, p / batch.seq, p % batch.seq)?;
+            self.config.check_token(t, p / seq, p % seq)?;
         }
         let prefix = &prompt[..prompt.len() - 1];
-        let hidden = if prefix.is_empty() {
-            self.hidden_states(&batch)?
-        } else {
-            let mut shared = KvCache::new(1, self.layers.len());
-            self.hidden_cached(&TokenBatch::new(&[prefix.to_vec()], crate::batch::Padding::Right, 0)?, &mut shared)?;
-            let mut cache = shared.select_rows(&vec![0; rows.len()])?;
-            self.hidden_cached(&batch, &mut cache)?
-        };
-        let n = batch.batch * batch.seq;
-        Ok(self.scores_at(hidden.reshape([n, self.config.hidden_size]), &positions, &targets, chunk, temperature, entropy))
+        let prefix = if prefix.is_empty() { None } else { Some(TokenBatch::new(&[prefix.to_vec()], crate::batch::Padding::Right, 0)?) };
+        Ok(ContinuationPass { rows, positions, targets, prefix })
     }
 
     /// Log-softmax (at `temperature`) of `targets[i]` at rows `positions[i]` of flattened
     /// hidden states `[n, hidden]`, `chunk` rows through the vocabulary projection at a time.
-    fn scores_at(
+    pub(crate) fn scores_at(
         &self,
         flat: Tensor<B, 2>,
         positions: &[usize],
@@ -504,13 +512,9 @@ impl<B: Backend> CausalLm<B> {
         }
     }
 
-    fn run(
-        &self,
-        batch: &TokenBatch,
-        past_valid: &[Vec<bool>],
-        next_pos: &[usize],
-        mut caches: Option<&mut Vec<LayerCache<B>>>,
-    ) -> Result<Tensor<B, 3>> {
+    /// The token ids, RoPE tables and attention mask of a pass over `batch` after the cached
+    /// positions `past_valid` (per sequence) whose next position is `next_pos`.
+    pub(crate) fn pass_inputs(&self, batch: &TokenBatch, past_valid: &[Vec<bool>], next_pos: &[usize]) -> Result<PassInputs<B>> {
         batch.validate()?;
         for (i, &id) in batch.ids.iter().enumerate() {
             self.config.check_token(id, i / batch.seq, i % batch.seq)?;
@@ -530,10 +534,21 @@ impl<B: Backend> CausalLm<B> {
             TensorData::new(batch.ids.iter().map(|&t| t as i64).collect(), [b, s]),
             &device,
         );
-        let mut x = self.embed_tokens.forward(ids);
+        Ok(PassInputs { ids, rope, mask })
+    }
+
+    fn run(
+        &self,
+        batch: &TokenBatch,
+        past_valid: &[Vec<bool>],
+        next_pos: &[usize],
+        mut caches: Option<&mut Vec<LayerCache<B>>>,
+    ) -> Result<Tensor<B, 3>> {
+        let inputs = self.pass_inputs(batch, past_valid, next_pos)?;
+        let mut x = self.embed_tokens.forward(inputs.ids);
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = caches.as_deref_mut().and_then(|c| c.get_mut(i));
-            x = layer.forward(x, &rope, mask.as_ref(), slot);
+            x = layer.forward(x, &inputs.rope, inputs.mask.as_ref(), slot);
         }
         Ok(self.norm.forward(x))
     }
@@ -547,8 +562,7 @@ impl<B: Backend> CausalLm<B> {
             ));
         }
         std::fs::create_dir_all(dir).map_err(|e| ModelError::write(dir, e))?;
-        let tensors = self.hf_tensors()?;
-        write_safetensors(dir, &tensors, dtype)?;
+        write_safetensors(dir, &self.hf_entries(), dtype)?;
         let config = ModelConfig {
             dtype,
             ..self.config.clone()
@@ -558,26 +572,26 @@ impl<B: Backend> CausalLm<B> {
         write_atomic(&dir.join("config.json"), text.as_bytes())
     }
 
-    fn hf_tensors(&self) -> Result<Vec<HfTensor>> {
-        let mut out = Vec::new();
-        out.push(host_tensor("model.embed_tokens.weight", self.embed_tokens.weight.val())?);
+    /// Every tensor in HF layout, read when asked for.
+    fn hf_entries(&self) -> Vec<HfEntry<'_>> {
+        let mut out = vec![host_entry("model.embed_tokens.weight", self.embed_tokens.weight.val())];
         for (i, l) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
             let a = &l.self_attn;
             for (name, lin) in [("q_proj", &a.q_proj), ("k_proj", &a.k_proj), ("v_proj", &a.v_proj), ("o_proj", &a.o_proj)] {
-                push_linear(&mut out, &format!("{p}.self_attn.{name}"), &lin.base)?;
+                push_linear(&mut out, &format!("{p}.self_attn.{name}"), &lin.base);
             }
             for (name, lin) in [("gate_proj", &l.mlp.gate_proj), ("up_proj", &l.mlp.up_proj), ("down_proj", &l.mlp.down_proj)] {
-                push_linear(&mut out, &format!("{p}.mlp.{name}"), &lin.base)?;
+                push_linear(&mut out, &format!("{p}.mlp.{name}"), &lin.base);
             }
-            out.push(host_tensor(&format!("{p}.input_layernorm.weight"), l.input_layernorm.weight.val())?);
-            out.push(host_tensor(&format!("{p}.post_attention_layernorm.weight"), l.post_attention_layernorm.weight.val())?);
+            out.push(host_entry(&format!("{p}.input_layernorm.weight"), l.input_layernorm.weight.val()));
+            out.push(host_entry(&format!("{p}.post_attention_layernorm.weight"), l.post_attention_layernorm.weight.val()));
         }
-        out.push(host_tensor("model.norm.weight", self.norm.weight.val())?);
+        out.push(host_entry("model.norm.weight", self.norm.weight.val()));
         if let Some(head) = &self.lm_head {
-            push_linear(&mut out, "lm_head", head)?;
+            push_linear(&mut out, "lm_head", head);
         }
-        Ok(out)
+        out
     }
 }
 
@@ -622,32 +636,31 @@ fn norm<B: Backend>(src: &mut dyn WeightSource, name: &str, size: usize, eps: f6
     Ok(RmsNorm::new(Tensor::from_data(TensorData::new(w, [size]), device), eps))
 }
 
-fn host_tensor<B: Backend, const D: usize>(name: &str, t: Tensor<B, D>) -> Result<HfTensor> {
-    let shape = t.dims().to_vec();
-    let values = t
-        .into_data()
+fn host_values<B: Backend, const D: usize>(name: &str, t: Tensor<B, D>) -> Result<Vec<f32>> {
+    t.into_data()
         .convert::<f32>()
         .to_vec::<f32>()
-        .map_err(|e| ModelError::Input(format!("{name}: cannot read tensor back: {e:?}")))?;
-    Ok(HfTensor {
-        name: name.to_string(),
-        shape,
-        values,
-    })
+        .map_err(|e| ModelError::Input(format!("{name}: cannot read tensor back: {e:?}")))
 }
 
-fn push_linear<B: Backend>(out: &mut Vec<HfTensor>, name: &str, lin: &Linear<B>) -> Result<()> {
-    let w = host_tensor(&format!("{name}.weight"), lin.weight.val())?;
-    let (d_in, d_out) = (w.shape[0], w.shape[1]);
-    out.push(HfTensor {
-        name: w.name,
+fn host_entry<'a, B: Backend, const D: usize>(name: &str, t: Tensor<B, D>) -> HfEntry<'a> {
+    let owned = name.to_string();
+    HfEntry { name: owned.clone(), shape: t.dims().to_vec(), read: Box::new(move || host_values(&owned, t.clone())) }
+}
+
+/// A linear layer's weight (burn's `[in, out]` read back as HF's `[out, in]`) and bias.
+fn push_linear<'a, B: Backend>(out: &mut Vec<HfEntry<'a>>, name: &str, lin: &Linear<B>) {
+    let w = lin.weight.val();
+    let [d_in, d_out] = w.dims();
+    let weight = format!("{name}.weight");
+    out.push(HfEntry {
+        name: weight.clone(),
         shape: vec![d_out, d_in],
-        values: transpose(&w.values, d_in, d_out),
+        read: Box::new(move || Ok(transpose(&host_values(&weight, w.clone())?, d_in, d_out))),
     });
     if let Some(b) = &lin.bias {
-        out.push(host_tensor(&format!("{name}.bias"), b.val())?);
+        out.push(host_entry(&format!("{name}.bias"), b.val()));
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -664,7 +677,7 @@ mod layout_tests {
         let llama = ModelConfig { architecture: Architecture::Llama, attention_bias: false, tie_word_embeddings: false, ..base.clone() };
         for config in [base, llama] {
             let model = CausalLm::<crate::CpuBackend>::random(&config, 1, &Default::default()).unwrap();
-            let mut saved: Vec<(String, Vec<usize>)> = model.hf_tensors().unwrap().into_iter().map(|t| (t.name, t.shape)).collect();
+            let mut saved: Vec<(String, Vec<usize>)> = model.hf_entries().into_iter().map(|t| (t.name, t.shape)).collect();
             let mut listed = hf_layout(&config);
             saved.sort();
             listed.sort();

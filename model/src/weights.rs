@@ -167,29 +167,105 @@ impl WeightSource for SafetensorsSource {
     }
 }
 
-/// One tensor ready to be written: HF name, HF shape, f32 values in HF layout.
-pub(crate) struct HfTensor {
-    pub name: String,
-    pub shape: Vec<usize>,
-    pub values: Vec<f32>,
-}
-
 /// A tensor encoded for safetensors: name, dtype, shape, little-endian bytes.
 type Encoded = (String, Dtype, Vec<usize>, Vec<u8>);
 
 fn encode(name: &str, shape: &[usize], values: &[f32], dtype: StorageDtype) -> Encoded {
-    let (dt, bytes): (Dtype, Vec<u8>) = match dtype {
-        StorageDtype::Float32 => (Dtype::F32, values.iter().flat_map(|v| v.to_le_bytes()).collect()),
-        StorageDtype::Bfloat16 => (Dtype::BF16, values.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect()),
-        StorageDtype::Float16 => (Dtype::F16, values.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect()),
+    let bytes: Vec<u8> = match dtype {
+        StorageDtype::Float32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        StorageDtype::Bfloat16 => values.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect(),
+        StorageDtype::Float16 => values.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect(),
     };
-    (name.to_string(), dt, shape.to_vec(), bytes)
+    (name.to_string(), storage_dtype(dtype), shape.to_vec(), bytes)
+}
+
+/// One tensor of a model in HF layout whose f32 values are read only when asked for.
+pub(crate) struct HfEntry<'a> {
+    pub(crate) name: String,
+    pub(crate) shape: Vec<usize>,
+    pub(crate) read: Box<dyn Fn() -> Result<Vec<f32>> + 'a>,
 }
 
 /// Writes `model.safetensors` (metadata `format=pt`) atomically: temp file, then rename.
-pub(crate) fn write_safetensors(dir: &Path, tensors: &[HfTensor], dtype: StorageDtype) -> Result<()> {
-    let encoded: Vec<Encoded> = tensors.iter().map(|t| encode(&t.name, &t.shape, &t.values, dtype)).collect();
-    serialize_atomic(dir, &encoded)
+/// Each tensor is read and encoded when the writer reaches it, so one tensor's values and
+/// bytes are in memory at a time rather than a copy of the model (a training checkpoint of
+/// SmolLM2 full fine-tuning peaked about 1 GB higher when the whole file was built first).
+pub(crate) fn write_safetensors(dir: &Path, tensors: &[HfEntry<'_>], dtype: StorageDtype) -> Result<()> {
+    let lazy: Vec<LazyTensor<'_>> = tensors
+        .iter()
+        .map(|t| LazyTensor {
+            name: t.name.clone(),
+            dtype: storage_dtype(dtype),
+            shape: t.shape.clone(),
+            bytes: Box::new(move || Ok(encode(&t.name, &t.shape, &(t.read)()?, dtype).3)),
+        })
+        .collect();
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    write_safetensors_lazily(&dir.join("model.safetensors"), &lazy, metadata)
+}
+
+/// A tensor of a safetensors file whose bytes are made when the writer reaches it.
+pub(crate) struct LazyTensor<'a> {
+    pub(crate) name: String,
+    pub(crate) dtype: Dtype,
+    pub(crate) shape: Vec<usize>,
+    pub(crate) bytes: Box<dyn Fn() -> Result<Vec<u8>> + 'a>,
+}
+
+/// A [`LazyTensor`] as the writer sees it; a failure to make the bytes is kept for after
+/// the write (the writer's `View` cannot return one) and zeros of the right length stand in.
+struct LazyView<'a, 'b> {
+    tensor: &'b LazyTensor<'a>,
+    failure: &'b std::cell::RefCell<Option<ModelError>>,
+}
+
+impl safetensors::View for LazyView<'_, '_> {
+    fn dtype(&self) -> Dtype {
+        self.tensor.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.tensor.shape
+    }
+    fn data_len(&self) -> usize {
+        self.tensor.shape.iter().product::<usize>() * self.tensor.dtype.bitsize() / 8
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        let len = self.data_len();
+        let failed = match (self.tensor.bytes)() {
+            Ok(bytes) if bytes.len() == len => return std::borrow::Cow::Owned(bytes),
+            Ok(bytes) => ModelError::Input(format!("{}: {} bytes for a {len}-byte tensor", self.tensor.name, bytes.len())),
+            Err(e) => e,
+        };
+        self.failure.borrow_mut().get_or_insert(failed);
+        std::borrow::Cow::Owned(vec![0; len])
+    }
+}
+
+/// Writes a safetensors file atomically (temp file, then rename), making one tensor's bytes
+/// at a time. A tensor that cannot be read fails the write and leaves no file behind.
+pub(crate) fn write_safetensors_lazily(path: &Path, tensors: &[LazyTensor<'_>], metadata: HashMap<String, String>) -> Result<()> {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    let failure = std::cell::RefCell::new(None);
+    let views = tensors.iter().map(|t| (t.name.as_str(), LazyView { tensor: t, failure: &failure }));
+    let written = safetensors::serialize_to_file(views, Some(metadata), &tmp);
+    let failed = failure.into_inner();
+    if written.is_err() || failed.is_some() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    written.map_err(|e| ModelError::Safetensors { path: tmp.clone(), reason: e.to_string() })?;
+    std::fs::rename(&tmp, path).map_err(|e| ModelError::write(path, e))
+}
+
+fn storage_dtype(dtype: StorageDtype) -> Dtype {
+    match dtype {
+        StorageDtype::Float32 => Dtype::F32,
+        StorageDtype::Bfloat16 => Dtype::BF16,
+        StorageDtype::Float16 => Dtype::F16,
+    }
 }
 
 /// Like [`write_safetensors`], fetching each tensor of `layout` from `source` and encoding it
@@ -292,5 +368,38 @@ mod tests {
         let err = write_atomic(&path, b"{}").map(|_| ()).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.starts_with("cannot write "), "{err}");
         assert!(err.contains(".bench.json.tmp"), "{err}");
+    }
+
+    /// The lazy writer's file is byte for byte what `safetensors::serialize` makes of the
+    /// same tensors; a tensor that cannot be read fails the write by name and leaves neither
+    /// the file nor its temp file.
+    #[test]
+    fn lazy_writes_equal_serialize_and_a_failed_tensor_leaves_no_file() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join("state.safetensors");
+        let values: Vec<Vec<f32>> = vec![vec![1.0, -2.5, 3.25], vec![0.5; 8], vec![7.0]];
+        let bytes: Vec<Vec<u8>> = values.iter().map(|v| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
+        let names = ["b.1", "a.0", "c.2"];
+        let metadata = HashMap::from([("steps".to_string(), "3".to_string())]);
+        let lazy: Vec<LazyTensor<'_>> = names
+            .iter()
+            .zip(&bytes)
+            .map(|(n, b)| LazyTensor { name: n.to_string(), dtype: Dtype::F32, shape: vec![b.len() / 4], bytes: Box::new(move || Ok(b.clone())) })
+            .collect();
+        write_safetensors_lazily(&path, &lazy, metadata.clone()).unwrap_or_else(|e| panic!("{e}"));
+        let views: Vec<(&str, safetensors::tensor::TensorView<'_>)> = names
+            .iter()
+            .zip(&bytes)
+            .map(|(n, b)| (*n, safetensors::tensor::TensorView::new(Dtype::F32, vec![b.len() / 4], b).unwrap_or_else(|e| panic!("{e}"))))
+            .collect();
+        let expected = safetensors::serialize(views, Some(metadata.clone())).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(std::fs::read(&path).unwrap_or_else(|e| panic!("{e}")), expected);
+
+        let broken = dir.path().join("broken.safetensors");
+        let mut failing = lazy;
+        failing[1].bytes = Box::new(|| Err(ModelError::Input("a.0: cannot read tensor back".into())));
+        let err = write_safetensors_lazily(&broken, &failing, metadata).map(|_| ()).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("a.0"), "{err}");
+        assert!(!broken.exists() && !dir.path().join(".broken.safetensors.tmp").exists());
     }
 }

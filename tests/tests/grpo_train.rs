@@ -369,3 +369,35 @@ fn a_token_budget_changes_the_passes_not_the_update() {
         assert!(moved > 1e-2, "{loss_type:?}: training moved the logits by only {moved}");
     }
 }
+
+/// Activation checkpointing recomputes each layer in the backward pass; the run is the same
+/// bit for bit — rewards, losses, gradient norms and the trained weights — with full
+/// fine-tuning and with LoRA (which also checks the config's refusal of LoRA dropout).
+#[test]
+fn gradient_checkpointing_changes_memory_not_the_run() {
+    use thinkjson_model::LoraConfig;
+    let probe = [3u32, 9, 27, 81, 5];
+    let lora = LoraConfig { r: 4, alpha: 16.0, ..LoraConfig::default() };
+    for adapters in [None, Some(lora.clone())] {
+        let mut runs = Vec::new();
+        for checkpointing in [false, true] {
+            let dir = tempfile::tempdir().expect("tmp");
+            let config = GrpoConfig { max_steps: 3, gradient_checkpointing: checkpointing, lora: adapters.clone(), ..bool_config() };
+            let mut rec = Record::default();
+            let (model, _) = train(small_model(4), &tokenizer(), &bool_prompts(4), &match_only(), &run_in(dir.path(), config, false), &mut rec).expect("train");
+            runs.push((rec.steps, logits_of(&model.valid(), &probe)));
+        }
+        let ((plain, logits), (checkpointed, checkpointed_logits)) = (&runs[0], &runs[1]);
+        assert!(plain.iter().any(|m| m.skipped_updates == 0), "some step must train");
+        assert_eq!(plain.len(), checkpointed.len());
+        for (a, b) in checkpointed.iter().zip(plain) {
+            assert_eq!((a.reward_mean, a.loss, a.grad_norm), (b.reward_mean, b.loss, b.grad_norm), "step {}", a.step);
+        }
+        assert_eq!(checkpointed_logits, logits, "weights after training differ");
+        let moved = max_abs_diff(logits, &logits_of(&small_model(4).valid(), &probe));
+        assert!(moved > 1e-3, "training moved the logits by only {moved}");
+    }
+    let dropout = GrpoConfig { gradient_checkpointing: true, lora: Some(LoraConfig { dropout: 0.1, ..lora }), ..bool_config() };
+    let err = dropout.validate().expect_err("checkpointing with LoRA dropout must be refused").to_string();
+    assert!(err.contains("gradient_checkpointing") && err.contains("dropout"), "{err}");
+}

@@ -53,6 +53,10 @@ pub struct BenchArgs {
     /// `grpo --model`: longest prompt kept, in tokens.
     #[arg(long, default_value_t = 1024)]
     pub max_prompt_len: usize,
+    /// `grpo --model`: activation checkpointing of the training passes (GRPO's
+    /// `gradient_checkpointing`; TRL's `GRPOConfig` has it on by default).
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
     /// `grpo --model`: also write the prompts (chat-rendered text and ids) as JSONL, for
     /// `scripts/bench_trl_grpo.py --prompts`.
     #[arg(long)]

@@ -30,7 +30,8 @@ pub fn grpo_suite(args: &BenchArgs, figures: &mut Vec<Figure>) -> Result<()> {
 }
 
 /// GRPO steps of a real model on synthetic extraction prompts with its own tokenizer and chat
-/// template: free rollouts, β = 0, dapo, default token budget; every step's phases, the
+/// template: free rollouts, β = 0, dapo, default token budget, full fine-tuning, activation
+/// checkpointing as asked; every step's phases, the
 /// median of the steps after the first, and the process's peak RSS.
 fn real_model_steps(args: &BenchArgs, model_arg: &Path, figures: &mut Vec<Figure>) -> Result<()> {
     let [prompts_per_step, g, len, steps] = args.grpo_shape[..] else {
@@ -55,6 +56,7 @@ fn real_model_steps(args: &BenchArgs, model_arg: &Path, figures: &mut Vec<Figure
         max_steps: steps as u64,
         max_completion_len: len,
         constraint: RolloutConstraint::None,
+        gradient_checkpointing: args.gradient_checkpointing,
         lr: 1e-6,
         save_every: 0,
         sample_every: 0,
@@ -75,7 +77,8 @@ fn real_model_steps(args: &BenchArgs, model_arg: &Path, figures: &mut Vec<Figure
     }
     let used: Vec<usize> = (0..steps as u64).flat_map(|s| thinkjson_grpo::prompts_of_step(prompts.len(), &config, s)).map(|i| prompts[i].prompt.len()).collect();
     let name = model_arg.file_name().map_or_else(|| model_arg.display().to_string(), |n| n.to_string_lossy().into_owned());
-    let prefix = format!("grpo/{name}/{prompts_per_step}x{g} prompts x G, {len} new tokens");
+    let checkpointing = if args.gradient_checkpointing { ", checkpointing" } else { "" };
+    let prefix = format!("grpo/{name}/{prompts_per_step}x{g} prompts x G, {len} new tokens{checkpointing}");
     let mut fig = |what: &str, value: f64, unit: &'static str| figures.push(Figure { name: format!("{prefix}/{what}"), value, unit });
     fig("prompt length (mean of those trained on)", used.iter().sum::<usize>() as f64 / used.len().max(1) as f64, "tokens");
     let device = Default::default();

@@ -129,26 +129,28 @@ impl<B: AutodiffBackend> AdamW<B> {
     /// order, names in the metadata), atomically.
     pub fn save<M: AutodiffModule<B>>(&self, model: &M, path: &Path) -> Result<()> {
         let params = param_layout(model);
-        let mut blobs: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+        // Each moment is read back and encoded when the writer reaches it: one tensor's bytes
+        // in memory at a time, not a second copy of the state (2 × the parameters in f32).
+        let mut tensors = Vec::new();
         for (i, slot) in self.moments.iter().enumerate() {
             if let Some((m, v)) = slot {
                 for (kind, t) in [("m", m), ("v", v)] {
-                    let values = t
-                        .clone()
-                        .into_data()
-                        .convert::<f32>()
-                        .to_vec::<f32>()
-                        .map_err(|e| ModelError::Input(format!("optimiser state {kind}.{i}: {e:?}")))?;
-                    let bytes = values.iter().flat_map(|x| x.to_le_bytes()).collect();
-                    blobs.push((format!("{kind}.{i}"), vec![values.len()], bytes));
+                    tensors.push(crate::weights::LazyTensor {
+                        name: format!("{kind}.{i}"),
+                        dtype: safetensors::Dtype::F32,
+                        shape: vec![t.shape().num_elements()],
+                        bytes: Box::new(move || {
+                            let values = t
+                                .clone()
+                                .into_data()
+                                .convert::<f32>()
+                                .to_vec::<f32>()
+                                .map_err(|e| ModelError::Input(format!("optimiser state {kind}.{i}: {e:?}")))?;
+                            Ok(values.iter().flat_map(|x| x.to_le_bytes()).collect())
+                        }),
+                    });
                 }
             }
-        }
-        let mut views = Vec::with_capacity(blobs.len());
-        for (name, shape, bytes) in &blobs {
-            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
-                .map_err(|e| ModelError::Safetensors { path: path.to_path_buf(), reason: format!("{name}: {e}") })?;
-            views.push((name.as_str(), view));
         }
         let names: Vec<&str> = params.iter().map(|p| p.name.as_str()).collect();
         let metadata = HashMap::from([
@@ -156,9 +158,7 @@ impl<B: AutodiffBackend> AdamW<B> {
             ("config".to_string(), serde_json::to_string(&self.config).unwrap_or_default()),
             ("params".to_string(), serde_json::to_string(&names).unwrap_or_default()),
         ]);
-        let bytes = safetensors::serialize(views, Some(metadata))
-            .map_err(|e| ModelError::Safetensors { path: path.to_path_buf(), reason: e.to_string() })?;
-        crate::weights::write_atomic(path, &bytes)
+        crate::weights::write_safetensors_lazily(path, &tensors, metadata)
     }
 
     /// Restores what [`AdamW::save`] wrote, onto `model`'s device, checking that every

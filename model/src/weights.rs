@@ -244,8 +244,7 @@ impl safetensors::View for LazyView<'_, '_> {
 /// Writes a safetensors file atomically (temp file, then rename), making one tensor's bytes
 /// at a time. A tensor that cannot be read fails the write and leaves no file behind.
 pub(crate) fn write_safetensors_lazily(path: &Path, tensors: &[LazyTensor<'_>], metadata: HashMap<String, String>) -> Result<()> {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
-    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    let tmp = temp_path(path);
     let failure = std::cell::RefCell::new(None);
     let views = tensors.iter().map(|t| (t.name.as_str(), LazyView { tensor: t, failure: &failure }));
     let written = safetensors::serialize_to_file(views, Some(metadata), &tmp);
@@ -285,24 +284,12 @@ pub(crate) fn write_safetensors_streamed(
 }
 
 fn serialize_atomic(dir: &Path, encoded: &[Encoded]) -> Result<()> {
-    let mut views = Vec::with_capacity(encoded.len());
-    for (name, dt, shape, bytes) in encoded {
-        let view = safetensors::tensor::TensorView::new(*dt, shape.clone(), bytes).map_err(|e| {
-            ModelError::Safetensors {
-                path: dir.join("model.safetensors"),
-                reason: format!("{name}: {e}"),
-            }
-        })?;
-        views.push((name.as_str(), view));
-    }
+    let lazy: Vec<LazyTensor<'_>> = encoded
+        .iter()
+        .map(|(name, dtype, shape, bytes)| LazyTensor { name: name.clone(), dtype: *dtype, shape: shape.clone(), bytes: Box::new(move || Ok(bytes.clone())) })
+        .collect();
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let final_path = dir.join("model.safetensors");
-    let tmp = dir.join(".model.safetensors.tmp");
-    safetensors::serialize_to_file(views, Some(metadata), &tmp).map_err(|e| ModelError::Safetensors {
-        path: tmp.clone(),
-        reason: e.to_string(),
-    })?;
-    std::fs::rename(&tmp, &final_path).map_err(|e| ModelError::write(&final_path, e))
+    write_safetensors_lazily(&dir.join("model.safetensors"), &lazy, metadata)
 }
 
 /// Every tensor of a model with this config: HF name and HF shape (`[out, in]` for linears).
@@ -337,13 +324,15 @@ pub(crate) fn hf_layout(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
 
 /// Writes `contents` to `path` through a temp file and a rename, so readers never see half a file.
 pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "out".into());
-    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    let tmp = temp_path(path);
     std::fs::write(&tmp, contents).map_err(|e| ModelError::write(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| ModelError::write(path, e))
+}
+
+/// Where a file is written before it is renamed into place: `.NAME.tmp` beside it.
+fn temp_path(path: &Path) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
+    path.with_file_name(format!(".{name}.tmp"))
 }
 
 /// `[rows, cols]` → `[cols, rows]` (HF `[out, in]` ↔ burn `[in, out]`).

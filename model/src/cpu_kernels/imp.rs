@@ -11,7 +11,7 @@ use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
 use super::MAX_ROWS;
-use softmax::softmax_in_place;
+use softmax::{softmax_in_place, softmax_rows};
 pub(crate) use swiglu::{swiglu, swiglu_backward};
 
 mod softmax;
@@ -206,6 +206,21 @@ unsafe fn hsum(v: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
+}
+
+/// Eight [`hsum`]s at once: lane `j` is `hsum(v[j])`, by the same additions of the same
+/// operands (high half onto low half, lanes 2–3 onto 0–1, lane 1 onto lane 0), so the same
+/// bits; a score no longer waits on a chain of shuffles and adds of its own.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn hsum8(v: &[__m256; 8]) -> __m256 {
+    // [lo(a) + hi(a) | lo(b) + hi(b)]
+    let halves = |a: __m256, b: __m256| _mm256_add_ps(_mm256_permute2f128_ps::<0x20>(a, b), _mm256_permute2f128_ps::<0x31>(a, b));
+    // Per 128-bit lane: [x0 + x2, x1 + x3, y0 + y2, y1 + y3]
+    let pairs = |x: __m256, y: __m256| _mm256_add_ps(_mm256_shuffle_ps::<0b01_00_01_00>(x, y), _mm256_shuffle_ps::<0b11_10_11_10>(x, y));
+    let (a, b, c, d) = (halves(v[0], v[4]), halves(v[1], v[5]), halves(v[2], v[6]), halves(v[3], v[7]));
+    let (ab, cd) = (pairs(a, b), pairs(c, d));
+    _mm256_add_ps(_mm256_shuffle_ps::<0b10_00_10_00>(ab, cd), _mm256_shuffle_ps::<0b11_01_11_01>(ab, cd))
 }
 
 /// `R` rows of `x` (row stride `k`) times a `[k, cols ≤ 32]` panel of `w` (row stride `n`)
@@ -500,20 +515,50 @@ fn attention_paths<B: Backend, const FAST: bool>(
     // Tasks: (sequence, KV head, run of queries). A prefill has hundreds of queries per
     // sequence; cutting them into runs keeps every core busy when there are few sequences.
     let runs = s.div_ceil(QUERY_RUN);
+    // Head sizes 32 and 64 (SmolLM2's 64): query positions in groups, keys and values in chunks.
+    let grouped = FAST && (d == 64 || d == 32);
     let dst = Out(out.as_mut_ptr());
     (0..b * kv * runs).into_par_iter().for_each(|task| {
         let (bi, g, run) = (task / (kv * runs), task / runs % kv, task % runs);
-        let mut scores = vec![0f32; rep * keys];
-        for t in run * QUERY_RUN..((run + 1) * QUERY_RUN).min(s) {
-            let queries: Vec<&[f32]> = (0..rep).map(|r| qv.row(bi, g * rep + r, t)).collect();
-            let blocked_row: Option<&[u8]> = blocked.map(|m| &m[(bi * s + t) * keys..(bi * s + t + 1) * keys]);
-            // Without a mask the new positions are the last `s`, causal: later keys are blocked.
-            let visible = if blocked_row.is_some() { keys } else { keys - s + t + 1 };
-            // The output is laid out [b, s, h, d]: heads g·rep.. of position t are `rep`
-            // consecutive rows from ((bi·s + t)·h + g·rep)·d.
-            // SAFETY: AVX2 and FMA were detected; every row is `d` long, d % 8 == 0, d ≤ MAX_HEAD_DIM;
-            // this task alone writes those `rep` rows, inside `out`.
-            unsafe { attend::<FAST>(&queries, &views, bi, g, blocked_row, visible, scale, &mut scores, dst.at(((bi * s + t) * h + g * rep) * d)) };
+        let end = ((run + 1) * QUERY_RUN).min(s);
+        let qv = &qv;
+        let queries = |t: usize| (0..rep).map(move |r| qv.row(bi, g * rep + r, t));
+        let blocked_row = |t: usize| -> Option<&[u8]> { blocked.map(|m| &m[(bi * s + t) * keys..(bi * s + t + 1) * keys]) };
+        // Without a mask the new positions are the last `s`, causal: later keys are blocked.
+        let visible = |t: usize| if blocked.is_some() { keys } else { keys - s + t + 1 };
+        // The output is laid out [b, s, h, d]: heads g·rep.. of position t are `rep`
+        // consecutive rows from ((bi·s + t)·h + g·rep)·d.
+        let out_at = |t: usize| dst.at(((bi * s + t) * h + g * rep) * d);
+        if grouped {
+            let (mut krows, mut vrows) = (Vec::with_capacity(keys), Vec::with_capacity(keys));
+            for (k, v) in &views {
+                for pos in 0..k.dims[2] {
+                    krows.push(k.row(bi, g, pos).as_ptr());
+                    vrows.push(v.row(bi, g, pos).as_ptr());
+                }
+            }
+            // A decode step has one position per task: scores for that one only.
+            let per_group = (GROUP_ROWS / rep).clamp(1, end - run * QUERY_RUN);
+            let mut scores = vec![0f32; per_group * rep * keys];
+            for first in (run * QUERY_RUN..end).step_by(per_group) {
+                let positions = first..(first + per_group).min(end);
+                let rows: Vec<&[f32]> = positions.clone().flat_map(queries).collect();
+                let outs: Vec<*mut f32> = positions.clone().flat_map(|t| (0..rep).map(move |r| out_at(t).wrapping_add(r * d))).collect();
+                let masks: Vec<Option<&[u8]>> = positions.clone().map(blocked_row).collect();
+                let seen: Vec<usize> = positions.map(visible).collect();
+                // SAFETY: AVX2 and FMA were detected; d is 32 or 64; every key and value row
+                // pointer is a whole row of `d` floats in its block; this task alone writes these
+                // positions' rows, inside `out` (zeroed).
+                unsafe { attend_group(&rows, rep, &krows, &vrows, &masks, &seen, scale, &mut scores[..rows.len() * keys], &outs) };
+            }
+        } else {
+            let mut scores = vec![0f32; rep * keys];
+            for t in run * QUERY_RUN..end {
+                let heads: Vec<&[f32]> = queries(t).collect();
+                // SAFETY: AVX2 and FMA were detected; every row is `d` long, d % 8 == 0, d ≤ MAX_HEAD_DIM;
+                // this task alone writes those `rep` rows, inside `out`.
+                unsafe { attend::<FAST>(&heads, &views, bi, g, blocked_row(t), visible(t), scale, &mut scores, out_at(t)) };
+            }
         }
     });
     // Written as [b, s, h, d] and handed out as its [b, h, s, d] view: the caller's merge of
@@ -546,48 +591,41 @@ unsafe fn attend<const FAST: bool>(
     let rep = queries.len();
     let d = queries[0].len();
     let keys = scores.len() / rep;
-    // SmolLM2's 64 (and 32): one head at a time with its query in registers, so each score
-    // loads only the key; the same two chains as below, so the same sums.
-    if FAST && (d == 64 || d == 32) {
-        for (r, q) in queries.iter().enumerate() {
-            let row = &mut scores[r * keys..r * keys + visible];
-            if d == 64 {
-                head_scores::<8>(q, views, bi, g, blocked, scale, row);
-            } else {
-                head_scores::<4>(q, views, bi, g, blocked, scale, row);
+    // (Head sizes 32 and 64 take `attend_group` on the fast path.)
+    let mut p = 0;
+    for (kb, _) in views {
+        for pos in 0..kb.dims[2] {
+            let krow = kb.row(bi, g, pos).as_ptr();
+            let open = p < visible && blocked.is_none_or(|m| m[p] == 0);
+            for (r, q) in queries.iter().enumerate() {
+                scores[r * keys + p] = if open {
+                    // Two chains, so the sum does not wait on one FMA after another.
+                    let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                    let mut c = 0;
+                    while c + 16 <= d {
+                        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(c)), _mm256_loadu_ps(krow.add(c)), a0);
+                        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(c + 8)), _mm256_loadu_ps(krow.add(c + 8)), a1);
+                        c += 16;
+                    }
+                    if c < d {
+                        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(c)), _mm256_loadu_ps(krow.add(c)), a0);
+                    }
+                    hsum(_mm256_add_ps(a0, a1)) * scale
+                } else {
+                    f32::NEG_INFINITY
+                };
             }
-        }
-    } else {
-        let mut p = 0;
-        for (kb, _) in views {
-            for pos in 0..kb.dims[2] {
-                let krow = kb.row(bi, g, pos).as_ptr();
-                let open = p < visible && blocked.is_none_or(|m| m[p] == 0);
-                for (r, q) in queries.iter().enumerate() {
-                    scores[r * keys + p] = if open {
-                        // Two chains, so the sum does not wait on one FMA after another.
-                        let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-                        let mut c = 0;
-                        while c + 16 <= d {
-                            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(c)), _mm256_loadu_ps(krow.add(c)), a0);
-                            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(c + 8)), _mm256_loadu_ps(krow.add(c + 8)), a1);
-                            c += 16;
-                        }
-                        if c < d {
-                            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(c)), _mm256_loadu_ps(krow.add(c)), a0);
-                        }
-                        hsum(_mm256_add_ps(a0, a1)) * scale
-                    } else {
-                        f32::NEG_INFINITY
-                    };
-                }
-                p += 1;
-            }
+            p += 1;
         }
     }
     // Keys from `visible` on are blocked for every head: their weights would be exactly 0.
-    for r in 0..rep {
-        softmax_in_place(&mut scores[r * keys..r * keys + visible]);
+    if FAST {
+        let mut rows: Vec<&mut [f32]> = scores.chunks_mut(keys).map(|row| &mut row[..visible]).collect();
+        softmax_rows(&mut rows);
+    } else {
+        for r in 0..rep {
+            softmax_in_place(&mut scores[r * keys..r * keys + visible]);
+        }
     }
     // Up to 3 heads (SmolLM2's groups) together, 32 columns at a time: each value row is
     // read once per 32 columns for all heads, and 12 accumulators stay in registers.
@@ -619,38 +657,150 @@ unsafe fn attend<const FAST: bool>(
     }
 }
 
-/// Scores of one query head (`8·NV` wide, held in registers) against the first
-/// `row.len()` keys of (sequence `bi`, KV head `g`): `q·k · scale`, or −∞ where blocked.
-/// The dot product runs in two chains over alternate vectors, summed by [`hsum`].
-#[inline]
+/// Query rows (position × head) the fast path takes together: each chunk of keys and values
+/// is read by all of them while it is in L1.
+const GROUP_ROWS: usize = 12;
+
+/// Keys (and values) per chunk: 64 rows of SmolLM2's 64 floats are 16 KiB, half of L1.
+const KEY_CHUNK: usize = 64;
+
+/// A few consecutive query positions of one (sequence, KV head) for head sizes 32 and 64:
+/// `queries` are their rows position-major (row `j` is position `j / rep`, head `j % rep`),
+/// `krows`/`vrows` the sequence's key and value rows in order, `visible[i]` the keys position
+/// `i` sees and `blocked[i]` its padding mask. The scores, softmax and weighed values are
+/// [`attend`]'s element by element (each score is one query's two-chain dot product summed
+/// as [`hsum`] sums it, each output sums the positions in order and skips zero weights), but
+/// the work goes chunk by chunk of [`KEY_CHUNK`] keys over every row, so a key or value row is
+/// fetched from memory once for the whole group instead of once per row. `scores` holds one
+/// row of `krows.len()` per query row; `outs[j]` is row `j`'s output (`d` floats, zero on entry).
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn head_scores<const NV: usize>(q: &[f32], views: &[(View, View)], bi: usize, g: usize, blocked: Option<&[u8]>, scale: f32, row: &mut [f32]) {
+unsafe fn attend_group(
+    queries: &[&[f32]],
+    rep: usize,
+    krows: &[*const f32],
+    vrows: &[*const f32],
+    blocked: &[Option<&[u8]>],
+    visible: &[usize],
+    scale: f32,
+    scores: &mut [f32],
+    outs: &[*mut f32],
+) {
+    let keys = krows.len();
+    let d = queries[0].len();
+    let longest = visible.iter().copied().max().unwrap_or(0);
+    for start in (0..longest).step_by(KEY_CHUNK) {
+        for (j, q) in queries.iter().enumerate() {
+            let end = visible[j / rep].min(start + KEY_CHUNK);
+            if start >= end {
+                continue;
+            }
+            let row = &mut scores[j * keys + start..j * keys + end];
+            let mask = blocked[j / rep].map(|m| &m[start..end]);
+            if d == 64 {
+                chunk_scores::<8>(q, &krows[start..end], mask, scale, row);
+            } else {
+                chunk_scores::<4>(q, &krows[start..end], mask, scale, row);
+            }
+        }
+    }
+    let mut rows: Vec<&mut [f32]> = scores.chunks_mut(keys).enumerate().map(|(j, row)| &mut row[..visible[j / rep]]).collect();
+    softmax_rows(&mut rows);
+    let weights: Vec<&[f32]> = rows.into_iter().map(|r| &*r).collect();
+    for start in (0..longest).step_by(KEY_CHUNK) {
+        let chunk = &vrows[start..(start + KEY_CHUNK).min(longest)];
+        for (w, o) in weights.chunks(6).zip(outs.chunks(6)) {
+            for col in (0..d).step_by(16) {
+                match w.len() {
+                    1 => chunk_values::<1>(w, chunk, start, col, o),
+                    2 => chunk_values::<2>(w, chunk, start, col, o),
+                    3 => chunk_values::<3>(w, chunk, start, col, o),
+                    4 => chunk_values::<4>(w, chunk, start, col, o),
+                    5 => chunk_values::<5>(w, chunk, start, col, o),
+                    _ => chunk_values::<6>(w, chunk, start, col, o),
+                }
+            }
+        }
+    }
+}
+
+/// Scores of one query head (`8·NV` wide, held in registers) against `krows`, written to
+/// `row`: `q·k · scale`, or −∞ where `blocked`. Eight keys' lane sums go through [`hsum8`]
+/// together, a last few through [`hsum`] (the same bits either way).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn chunk_scores<const NV: usize>(q: &[f32], krows: &[*const f32], blocked: Option<&[u8]>, scale: f32, row: &mut [f32]) {
     let mut qv = [_mm256_setzero_ps(); NV];
     for (c, v) in qv.iter_mut().enumerate() {
         *v = _mm256_loadu_ps(q.as_ptr().add(c * 8));
     }
+    // A blocked key's dot product is not taken (a row joining a running batch can be mostly
+    // left padding); its lane sums are zero and its score is overwritten with −∞ below.
+    let open = |p: usize| blocked.is_none_or(|m| m[p] == 0);
+    let mut eights = krows.chunks_exact(8);
     let mut p = 0;
-    'blocks: for (kb, _) in views {
-        for pos in 0..kb.dims[2] {
-            if p == row.len() {
-                break 'blocks;
-            }
-            row[p] = if blocked.is_none_or(|m| m[p] == 0) {
-                let krow = kb.row(bi, g, pos).as_ptr();
-                let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-                for c in (0..NV).step_by(2) {
-                    a0 = _mm256_fmadd_ps(qv[c], _mm256_loadu_ps(krow.add(c * 8)), a0);
-                    if c + 1 < NV {
-                        a1 = _mm256_fmadd_ps(qv[c + 1], _mm256_loadu_ps(krow.add(c * 8 + 8)), a1);
-                    }
-                }
-                hsum(_mm256_add_ps(a0, a1)) * scale
-            } else {
-                f32::NEG_INFINITY
-            };
-            p += 1;
+    for keys in eights.by_ref() {
+        if (p..p + 8).any(open) {
+            let lanes: [__m256; 8] = std::array::from_fn(|i| if open(p + i) { dot_lanes(&qv, keys[i]) } else { _mm256_setzero_ps() });
+            _mm256_storeu_ps(row.as_mut_ptr().add(p), _mm256_mul_ps(hsum8(&lanes), _mm256_set1_ps(scale)));
         }
+        p += 8;
+    }
+    for &k in eights.remainder() {
+        if open(p) {
+            row[p] = hsum(dot_lanes(&qv, k)) * scale;
+        }
+        p += 1;
+    }
+    if let Some(m) = blocked {
+        for (x, &b) in row.iter_mut().zip(m) {
+            if b != 0 {
+                *x = f32::NEG_INFINITY;
+            }
+        }
+    }
+}
+
+/// `q · k` before its horizontal sum: two FMA chains over alternate vectors of the row,
+/// added lane by lane.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_lanes<const NV: usize>(qv: &[__m256; NV], krow: *const f32) -> __m256 {
+    let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    for c in (0..NV).step_by(2) {
+        a0 = _mm256_fmadd_ps(qv[c], _mm256_loadu_ps(krow.add(c * 8)), a0);
+        if c + 1 < NV {
+            a1 = _mm256_fmadd_ps(qv[c + 1], _mm256_loadu_ps(krow.add(c * 8 + 8)), a1);
+        }
+    }
+    _mm256_add_ps(a0, a1)
+}
+
+/// Columns `col..col + 16` of `Σ_p w[r][p] · V[p]` over the value rows `vrows` (positions
+/// `start..`), added to `outs[r] + col`: `ROWS` × 2 accumulators, two value vectors and a
+/// broadcast fit AVX2's 16 registers. A weight row ends where its position stops seeing
+/// keys; a zero or missing weight is skipped, as [`weigh_values`] skips it.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::needless_range_loop)]
+unsafe fn chunk_values<const ROWS: usize>(weights: &[&[f32]], vrows: &[*const f32], start: usize, col: usize, outs: &[*mut f32]) {
+    let mut acc: [[__m256; 2]; ROWS] = std::array::from_fn(|r| [_mm256_loadu_ps(outs[r].add(col)), _mm256_loadu_ps(outs[r].add(col + 8))]);
+    let weights: [&[f32]; ROWS] = std::array::from_fn(|r| weights[r]);
+    for (i, &vrow) in vrows.iter().enumerate() {
+        let p = start + i;
+        let v = [_mm256_loadu_ps(vrow.add(col)), _mm256_loadu_ps(vrow.add(col + 8))];
+        for r in 0..ROWS {
+            let w = weights[r].get(p).copied().unwrap_or(0.0);
+            if w != 0.0 {
+                let wv = _mm256_set1_ps(w);
+                acc[r][0] = _mm256_fmadd_ps(wv, v[0], acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(wv, v[1], acc[r][1]);
+            }
+        }
+    }
+    for (r, a) in acc.iter().enumerate() {
+        _mm256_storeu_ps(outs[r].add(col), a[0]);
+        _mm256_storeu_ps(outs[r].add(col + 8), a[1]);
     }
 }
 
@@ -800,20 +950,24 @@ mod tests {
     }
 
 
-    /// The paths for head sizes 32 and 64 (query in registers, up to 3 heads' values at
-    /// once) give the general path's bits: decode, a prefill in runs, pads and the causal mask.
+    /// The paths for head sizes 32 and 64 (query in registers, eight keys' sums at once,
+    /// query positions in groups over chunks of keys and values) give the general path's
+    /// bits: decode, a prefill in runs, pads and the causal mask.
     #[test]
     fn attention_fast_paths_equal_the_general_path_bit_for_bit() {
         let device = Default::default();
         let normal = Distribution::Normal(0.0, 1.0);
-        for (h, kv, d) in [(6, 2, 64), (9, 3, 64), (4, 2, 32), (3, 3, 64)] {
+        // Block lengths: keys within one chunk of the grouped path, and keys over three chunks
+        // (off the 8-key grid) with a prefill longer than a run of queries.
+        for (h, kv, d, lengths) in [(6, 2, 64, [9, 40]), (9, 3, 64, [9, 40]), (4, 2, 32, [9, 40]), (3, 3, 64, [9, 40]), (9, 3, 64, [128, 53]), (4, 1, 32, [61, 90])] {
             let b = 2;
-            let blocks: Vec<(Tensor<B, 4>, Tensor<B, 4>)> = [9, 40]
+            let blocks: Vec<(Tensor<B, 4>, Tensor<B, 4>)> = lengths
                 .iter()
                 .map(|&n| (Tensor::random([b, kv, n, d], normal, &device), Tensor::random([b, kv, n, d], normal, &device)))
                 .collect();
-            let keys = 49;
-            for s in [1, 40] {
+            let keys: usize = lengths.iter().sum();
+            // One query (decode), a prefill in runs and groups, and a count that leaves a short last group.
+            for s in [1, 40, 5] {
                 let q = Tensor::<B, 4>::random([b, h, s, d], normal, &device);
                 let blocked: Vec<bool> = (0..b * s * keys).map(|i| (i / (s * keys) == 1 && i % keys < 3) || i % keys > keys - s + i / keys % s).collect();
                 let mask = Tensor::<B, 4, Bool>::from_data(TensorData::new(blocked, [b, 1, s, keys]), &device);

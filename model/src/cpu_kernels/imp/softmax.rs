@@ -115,10 +115,65 @@ pub(super) unsafe fn exp8(x: __m256, out: *mut f32) {
 /// `exp(x − max)`, summed in order, times `1 / sum` — the scalar loop's bits.
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn softmax_in_place(scores: &mut [f32]) {
+    shifted_exp_in_place(scores);
+    let mut sum = 0f32;
+    for &x in scores.iter() {
+        sum += x;
+    }
+    scale_in_place(scores, 1.0 / sum);
+}
+
+/// [`softmax_in_place`] of each row, the rows' sums interleaved: every row is still summed
+/// in order by its own chain (the same bits), but up to six chains overlap instead of each
+/// add waiting on the one before (a row of 2,048 keys is 2,048 dependent adds).
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn softmax_rows(rows: &mut [&mut [f32]]) {
+    for row in rows.iter_mut() {
+        shifted_exp_in_place(row);
+    }
+    for chunk in rows.chunks_mut(6) {
+        let sums: Vec<f32> = match chunk {
+            [a] => row_sums([&**a]).to_vec(),
+            [a, b] => row_sums([&**a, &**b]).to_vec(),
+            [a, b, c] => row_sums([&**a, &**b, &**c]).to_vec(),
+            [a, b, c, d] => row_sums([&**a, &**b, &**c, &**d]).to_vec(),
+            [a, b, c, d, e] => row_sums([&**a, &**b, &**c, &**d, &**e]).to_vec(),
+            [a, b, c, d, e, f] => row_sums([&**a, &**b, &**c, &**d, &**e, &**f]).to_vec(),
+            _ => Vec::new(),
+        };
+        for (row, sum) in chunk.iter_mut().zip(sums) {
+            scale_in_place(row, 1.0 / sum);
+        }
+    }
+}
+
+/// Each row summed in order from 0, the rows side by side up to the shortest, then each
+/// row's tail.
+#[inline]
+fn row_sums<const N: usize>(rows: [&[f32]; N]) -> [f32; N] {
+    let common = rows.iter().map(|r| r.len()).min().unwrap_or(0);
+    let heads = rows.map(|r| &r[..common]);
+    let mut sums = [0f32; N];
+    for i in 0..common {
+        for (sum, row) in sums.iter_mut().zip(&heads) {
+            *sum += row[i];
+        }
+    }
+    for (sum, row) in sums.iter_mut().zip(&rows) {
+        for &x in &row[common..] {
+            *sum += x;
+        }
+    }
+    sums
+}
+
+/// `exp(x − max)` of a row in place (the maximum taken in any order: it is exact).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn shifted_exp_in_place(scores: &mut [f32]) {
     let n = scores.len();
     let p = scores.as_mut_ptr();
     let mut i = 0;
-    // The maximum does not depend on the order it is taken in.
     let mut top = _mm256_set1_ps(f32::NEG_INFINITY);
     while i + 8 <= n {
         top = _mm256_max_ps(top, _mm256_loadu_ps(p.add(i)));
@@ -136,11 +191,9 @@ pub(super) unsafe fn softmax_in_place(scores: &mut [f32]) {
     for x in &mut scores[i..] {
         *x = (*x - max).exp();
     }
-    let mut sum = 0f32;
-    for &x in scores.iter() {
-        sum += x;
-    }
-    let inv = 1.0 / sum;
+}
+
+fn scale_in_place(scores: &mut [f32], inv: f32) {
     for x in scores.iter_mut() {
         *x *= inv;
     }
@@ -161,6 +214,31 @@ mod tests {
         let inv = 1.0 / sum;
         for x in scores.iter_mut() {
             *x *= inv;
+        }
+    }
+
+    /// Up to 13 rows of unequal lengths at once (two chunks): each row's bits are those of
+    /// the scalar loop on that row alone.
+    #[test]
+    fn softmax_rows_equal_the_scalar_loop_bit_for_bit() {
+        if !super::super::available() {
+            return;
+        }
+        let value = |i: usize| ((i * 7919 % 1013) as f32 - 506.0) / 37.0;
+        for count in [1, 2, 3, 5, 6, 7, 13] {
+            let rows: Vec<Vec<f32>> = (0..count)
+                .map(|r| (0..(37 + 5 * r) % 41 + 1).map(|i| if i % 9 == 4 { f32::NEG_INFINITY } else { value(i * (r + 3)) }).collect())
+                .collect();
+            let mut got = rows.clone();
+            let mut views: Vec<&mut [f32]> = got.iter_mut().map(|r| r.as_mut_slice()).collect();
+            // SAFETY: AVX2 and FMA were detected.
+            unsafe { softmax_rows(&mut views) };
+            for (r, (row, got)) in rows.iter().zip(&got).enumerate() {
+                let mut expected = row.clone();
+                scalar_softmax(&mut expected);
+                let same = got.iter().zip(&expected).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same && got.len() == expected.len(), "{count} rows: row {r} (length {})", row.len());
+            }
         }
     }
 

@@ -152,9 +152,9 @@ pub struct EvalSection {
 
 impl Default for PipelineFile {
     /// The embedded CPU run: LoRA on the committed SmolLM2-135M-Instruct (its own tokenizer
-    /// and chat template), sized by measurement for 2 cores: it took 40 minutes on a 2-core
-    /// AMD EPYC (33 on an AVX-512 machine), evaluation most of it (README), against a
-    /// 20-minute goal.
+    /// and chat template), sized by measurement for 2 cores: it took 49–58 minutes on a
+    /// first-generation AMD EPYC and 25 on an AVX-512 Xeon, evaluation most of it (README),
+    /// against a 20-minute goal.
     fn default() -> Self {
         Self {
             out: PathBuf::from("runs/pipeline"),
@@ -231,6 +231,9 @@ impl Default for ModelSection {
 
 impl Default for EvalSection {
     fn default() -> Self {
+        // 16, not 32: a running batch pads every sequence's cache to its longest one, and the
+        // default's eval rows include a 6,000-character prompt (1-237): at 32, 64 SFT-model
+        // rows' think-then-JSON predictions peaked at 8.0 GiB of RSS (README).
         Self { rows: 64, max_new_tokens: 224, max_think_tokens: 48, loss_rows: 16, batch_size: 16 }
     }
 }

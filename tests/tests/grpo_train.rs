@@ -371,8 +371,16 @@ fn a_token_budget_changes_the_passes_not_the_update() {
 }
 
 /// Activation checkpointing recomputes each layer in the backward pass; the run is the same
-/// bit for bit — rewards, losses, gradient norms and the trained weights — with full
-/// fine-tuning and with LoRA (which also checks the config's refusal of LoRA dropout).
+/// — rewards and losses bit for bit; gradient norms and the trained weights bit for bit with
+/// LoRA, and to 1e-6 with full fine-tuning — and the config refuses LoRA dropout with it.
+///
+/// Full fine-tuning is compared to a tolerance because its own runs differ: the tied
+/// embedding's gradient at step 3 comes out in one of two versions, a last bit apart (squared
+/// norms 0.91773546 and 0.9177354; every other parameter's gradient has the same bits), in
+/// the plain and in the checkpointed run alike, so the two step-3 norms are
+/// 1.0955500912341978 or 1.0955500368280628 on either side. Seen 2026-12-02 in about 1 of 10
+/// runs of this binary, with one training at a time too; the cause is not found (see
+/// docs/design.md, "Activation checkpointing").
 #[test]
 fn gradient_checkpointing_changes_memory_not_the_run() {
     use thinkjson_model::LoraConfig;
@@ -391,9 +399,19 @@ fn gradient_checkpointing_changes_memory_not_the_run() {
         assert!(plain.iter().any(|m| m.skipped_updates == 0), "some step must train");
         assert_eq!(plain.len(), checkpointed.len());
         for (a, b) in checkpointed.iter().zip(plain) {
-            assert_eq!((a.reward_mean, a.loss, a.grad_norm), (b.reward_mean, b.loss, b.grad_norm), "step {}", a.step);
+            assert_eq!((a.reward_mean, a.loss), (b.reward_mean, b.loss), "step {}", a.step);
+            if adapters.is_some() {
+                assert_eq!(a.grad_norm, b.grad_norm, "step {}", a.step);
+            } else {
+                assert!((a.grad_norm - b.grad_norm).abs() <= 1e-6 * b.grad_norm, "step {}: grad norm {} vs {}", a.step, a.grad_norm, b.grad_norm);
+            }
         }
-        assert_eq!(checkpointed_logits, logits, "weights after training differ");
+        if adapters.is_some() {
+            assert_eq!(checkpointed_logits, logits, "weights after training differ");
+        } else {
+            let d = max_abs_diff(checkpointed_logits, logits);
+            assert!(d <= 1e-5, "logits after training differ by {d}");
+        }
         let moved = max_abs_diff(logits, &logits_of(&small_model(4).valid(), &probe));
         assert!(moved > 1e-3, "training moved the logits by only {moved}");
     }

@@ -258,7 +258,7 @@ impl<B: Backend> Batcher<B> {
     /// Takes rows `rows` (ascending) out of the batch and its cache.
     fn remove(&mut self, rows: &[usize]) -> Result<(Vec<Seq>, Vec<Member>)> {
         let keep: Vec<usize> = (0..self.seqs.len()).filter(|i| rows.binary_search(i).is_err()).collect();
-        self.cache = if keep.is_empty() { KvCache::new(0, self.layers) } else { self.cache.select_rows(&keep)? };
+        self.cache.keep_sequences(&keep)?;
         if self.cache.len() > 2 * self.cache.max_valid() + 16 {
             self.cache.compact();
         }

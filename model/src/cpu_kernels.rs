@@ -1,7 +1,8 @@
 //! Inference kernels for the CPU backend: projections and the vocabulary head for up to
 //! [`MAX_ROWS`] rows (a decode step), grouped-query attention for inference (decode steps
-//! over the KV cache, and prefills), RoPE, and SwiGLU's `silu(gate) · up` — the one kernel
-//! training uses too, with its backward pass, both with burn's bits.
+//! over the KV cache, and prefills), in-place writes into the KV cache's blocks, RoPE, and
+//! SwiGLU's `silu(gate) · up` — the one kernel training uses too, with its backward pass,
+//! both with burn's bits.
 //!
 //! A decode step multiplies one row per sequence by every weight of the model and reads every
 //! cached key and value once: its floor is memory traffic, not arithmetic (SmolLM2-135M:
@@ -29,7 +30,7 @@ pub(crate) const MAX_ROWS: usize = 32;
 mod imp;
 
 #[cfg(all(feature = "flex", target_arch = "x86_64"))]
-pub(crate) use imp::{attention, contiguous, matmul_few_rows, rope, rope_backward, swiglu, swiglu_backward};
+pub(crate) use imp::{attention, contiguous, keep_sequences, matmul_few_rows, rope, rope_backward, swiglu, swiglu_backward, write_positions, writes_in_place};
 
 #[cfg(test)]
 pub(crate) use imp::available;
@@ -50,6 +51,18 @@ mod imp {
 
     pub(crate) fn contiguous<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, D> {
         t
+    }
+
+    pub(crate) fn writes_in_place<B: Backend>() -> bool {
+        false
+    }
+
+    pub(crate) fn write_positions<B: Backend>(block: Tensor<B, 4>, _: usize, _: &Tensor<B, 4>) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
+        Err(block)
+    }
+
+    pub(crate) fn keep_sequences<B: Backend>(block: Tensor<B, 4>, _: &[usize]) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
+        Err(block)
     }
 
     pub(crate) fn rope<B: Backend>(_: &Tensor<B, 4>, _: &Tensor<B, 4>, _: &Tensor<B, 4>) -> Option<Tensor<B, 4>> {
@@ -81,4 +94,4 @@ mod imp {
 }
 
 #[cfg(not(all(feature = "flex", target_arch = "x86_64")))]
-pub(crate) use imp::{attention, contiguous, matmul_few_rows, rope, rope_backward, swiglu, swiglu_backward};
+pub(crate) use imp::{attention, contiguous, keep_sequences, matmul_few_rows, rope, rope_backward, swiglu, swiglu_backward, write_positions, writes_in_place};

@@ -128,12 +128,17 @@ impl<B: Backend> Rope<B> {
 
 /// Keys and values of one layer kept between decoding steps, as a list of blocks of
 /// `[batch, kv_heads, n, head_dim]` (n ≤ [`CACHE_BLOCK`] except for a long prefill kept
-/// whole). A step rewrites only the last, open block; full blocks are never copied again, so
-/// a step costs its own keys and one block, not the whole cache (a growing concatenation, or
-/// a write into one big buffer — which burn's CPU backend copies whole — costs the cache).
+/// whole). A step adds its positions to the last, open block; full blocks are never copied
+/// again. Where blocks are written in place (the CPU backend, [`crate::cpu_kernels`]), a new
+/// block is allocated with room for [`CACHE_BLOCK`] positions and each step writes its keys
+/// into it, so a step costs its own keys; elsewhere the open block is rebuilt by
+/// concatenation (one block per step, not the whole cache).
 #[derive(Debug, Clone)]
 pub struct LayerKv<B: Backend> {
+    /// Every block but the last is full; the last holds `open` positions (and may have room
+    /// after them, which no reader sees: see [`LayerKv::views`]).
     pub(crate) blocks: Vec<(Tensor<B, 4>, Tensor<B, 4>)>,
+    pub(crate) open: usize,
     pub(crate) len: usize,
 }
 
@@ -143,9 +148,26 @@ pub type LayerCache<B> = Option<LayerKv<B>>;
 const CACHE_BLOCK: usize = 128;
 
 impl<B: Backend> LayerKv<B> {
+    /// A cache of one full block.
+    pub(crate) fn whole(k: Tensor<B, 4>, v: Tensor<B, 4>) -> Self {
+        let len = k.dims()[2];
+        Self { blocks: vec![(k, v)], open: len, len }
+    }
+
+    /// The blocks as readers see them: the last cut to its filled positions (a view, no copy,
+    /// on the CPU backend).
+    pub(crate) fn views(&self) -> Vec<(Tensor<B, 4>, Tensor<B, 4>)> {
+        let mut blocks = self.blocks.clone();
+        if let Some((k, v)) = blocks.last_mut() {
+            *k = filled_part(k.clone(), self.open);
+            *v = filled_part(v.clone(), self.open);
+        }
+        blocks
+    }
+
     /// One block holding every cached key and value (a copy when there are several).
     pub(crate) fn filled(&self) -> (Tensor<B, 4>, Tensor<B, 4>) {
-        match self.blocks.as_slice() {
+        match self.views().as_slice() {
             [(k, v)] => (k.clone(), v.clone()),
             blocks => (
                 Tensor::cat(blocks.iter().map(|(k, _)| k.clone()).collect(), 2),
@@ -160,30 +182,98 @@ impl<B: Backend> LayerKv<B> {
         let blocks = match self.blocks.first().map(|(k, _)| k.device()) {
             None => Vec::new(),
             Some(device) => {
-                let idx = Tensor::<B, 1, Int>::from_data(burn::tensor::TensorData::new(rows.iter().map(|&r| r as i64).collect(), [rows.len()]), &device);
+                let idx = rows_index::<B>(rows, &device);
                 self.blocks.iter().map(|(k, v)| (k.clone().select(0, idx.clone()), v.clone().select(0, idx.clone()))).collect()
             }
         };
-        LayerKv { blocks, len: self.len }
+        LayerKv { blocks, open: self.open, len: self.len }
+    }
+
+    /// Keeps sequences `keep` (strictly ascending, in range) only: moved down in place where
+    /// blocks are written in place, selected into new blocks elsewhere.
+    pub(crate) fn keep_sequences(self, keep: &[usize]) -> LayerKv<B> {
+        let Some(device) = self.blocks.first().map(|(k, _)| k.device()) else { return self };
+        let idx = rows_index::<B>(keep, &device);
+        let keep_block = |t: Tensor<B, 4>| crate::cpu_kernels::keep_sequences(t, keep).unwrap_or_else(|t| t.select(0, idx.clone()));
+        let blocks = self.blocks.into_iter().map(|(k, v)| (keep_block(k), keep_block(v))).collect();
+        LayerKv { blocks, open: self.open, len: self.len }
     }
 
     /// Appends `[batch, kv_heads, s, head_dim]` keys and values to `slot`.
     fn append(slot: &mut LayerCache<B>, k: Tensor<B, 4>, v: Tensor<B, 4>) -> &LayerKv<B> {
         let s = k.dims()[2];
-        let mut cache = slot.take().unwrap_or(LayerKv { blocks: Vec::new(), len: 0 });
-        let open = cache.blocks.last().map(|(k, _)| k.dims()[2]).filter(|&n| n + s <= CACHE_BLOCK);
-        match (open, cache.blocks.pop()) {
-            (Some(_), Some((pk, pv))) => cache.blocks.push((Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2))),
-            (_, last) => {
-                cache.blocks.extend(last);
-                // A prefill's keys are a view of the projection ([b, s, kv, d] swapped);
-                // the CPU kernel reads a row-major block faster on every later step.
-                cache.blocks.push((crate::cpu_kernels::contiguous(k), crate::cpu_kernels::contiguous(v)));
+        let room = crate::cpu_kernels::writes_in_place::<B>();
+        let mut cache = slot.take().unwrap_or(LayerKv { blocks: Vec::new(), open: 0, len: 0 });
+        // Block boundaries follow the positions, not the room, so they are the same on every
+        // backend (attention sums block by block on some).
+        let last = if cache.open + s <= CACHE_BLOCK { cache.blocks.pop() } else { None };
+        match last {
+            Some((pk, pv)) => {
+                let at = cache.open;
+                cache.blocks.push((extended(pk, at, k, room), extended(pv, at, v, room)));
+                cache.open = at + s;
+            }
+            None => {
+                // The open block is full from here on: readers see its filled positions only.
+                if let Some((pk, pv)) = cache.blocks.last_mut() {
+                    *pk = filled_part(pk.clone(), cache.open);
+                    *pv = filled_part(pv.clone(), cache.open);
+                }
+                cache.blocks.push((new_block(k, room), new_block(v, room)));
+                cache.open = s;
             }
         }
         cache.len += s;
         slot.insert(cache)
     }
+}
+
+fn rows_index<B: Backend>(rows: &[usize], device: &B::Device) -> Tensor<B, 1, Int> {
+    Tensor::from_data(burn::tensor::TensorData::new(rows.iter().map(|&r| r as i64).collect(), [rows.len()]), device)
+}
+
+/// The first `n` positions of a block.
+fn filled_part<B: Backend>(t: Tensor<B, 4>, n: usize) -> Tensor<B, 4> {
+    let [b, kv, cap, d] = t.dims();
+    if cap == n {
+        t
+    } else {
+        t.slice([0..b, 0..kv, 0..n, 0..d])
+    }
+}
+
+/// `new` (`[b, kv, s, d]`) as a block of its own: with room up to [`CACHE_BLOCK`] positions
+/// where blocks are written in place, row-major either way (a prefill's keys are a view of
+/// the projection, `[b, s, kv, d]` swapped, and the CPU kernel reads a row-major block faster
+/// on every later step).
+fn new_block<B: Backend>(new: Tensor<B, 4>, room: bool) -> Tensor<B, 4> {
+    let [b, kv, s, d] = new.dims();
+    if room && s < CACHE_BLOCK {
+        let free = Tensor::zeros([b, kv, CACHE_BLOCK - s, d], &new.device());
+        Tensor::cat(vec![new, free], 2)
+    } else {
+        crate::cpu_kernels::contiguous(new)
+    }
+}
+
+/// `block`'s first `at` positions followed by `new`'s: written into the block's room when it
+/// has some and the cache alone holds it, else copied into a new block (with room where
+/// blocks are written in place).
+fn extended<B: Backend>(block: Tensor<B, 4>, at: usize, new: Tensor<B, 4>, room: bool) -> Tensor<B, 4> {
+    let [b, kv, s, d] = new.dims();
+    let block = if block.dims()[2] >= at + s {
+        match crate::cpu_kernels::write_positions(block, at, &new) {
+            Ok(written) => return written,
+            Err(block) => block,
+        }
+    } else {
+        block
+    };
+    let mut parts = if at == 0 { vec![new] } else { vec![filled_part(block, at), new] };
+    if room && at + s < CACHE_BLOCK {
+        parts.push(Tensor::zeros([b, kv, CACHE_BLOCK - at - s, d], &parts[0].device()));
+    }
+    Tensor::cat(parts, 2)
 }
 
 /// Inference attention goes to the CPU kernel ([`crate::cpu_kernels::attention`]) where it
@@ -228,8 +318,9 @@ impl<B: Backend> Attention<B> {
         let (k, v) = match cache {
             Some(slot) => {
                 let cache = LayerKv::append(slot, k, v);
-                let out = crate::cpu_kernels::attention(&q, &cache.blocks, cache.len, mask).or_else(|| {
-                    (s <= GROUPED_MAX_QUERIES).then(|| grouped_attention(q.clone(), &cache.blocks, cache.len, mask))
+                let blocks = cache.views();
+                let out = crate::cpu_kernels::attention(&q, &blocks, cache.len, mask).or_else(|| {
+                    (s <= GROUPED_MAX_QUERIES).then(|| grouped_attention(q.clone(), &blocks, cache.len, mask))
                 });
                 if let Some(out) = out {
                     return merge_heads(out);

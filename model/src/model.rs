@@ -95,6 +95,25 @@ impl<B: Backend> KvCache<B> {
         })
     }
 
+    /// Keeps only sequences `keep` (strictly ascending): what [`KvCache::select_rows`] gives
+    /// for them, moved down in place on the CPU backend instead of copied (sequences leaving
+    /// a running batch).
+    pub fn keep_sequences(&mut self, keep: &[usize]) -> Result<()> {
+        if keep.windows(2).any(|w| w[0] >= w[1]) || keep.last().is_some_and(|&r| r >= self.batch()) {
+            return Err(ModelError::Input(format!("sequences to keep {keep:?} are not ascending rows of a cache of {}", self.batch())));
+        }
+        if keep.is_empty() {
+            *self = Self::new(0, self.layers.len());
+            return Ok(());
+        }
+        for slot in self.layers.iter_mut() {
+            *slot = slot.take().map(|kv| kv.keep_sequences(keep));
+        }
+        self.valid = keep.iter().map(|&r| std::mem::take(&mut self.valid[r])).collect();
+        self.next_pos = keep.iter().map(|&r| self.next_pos[r]).collect();
+        Ok(())
+    }
+
     /// Appends the sequences of `other` after this cache's (continuous batching: requests
     /// prefilled on their own join a running batch). The shorter side is left-padded with
     /// masked columns, so every sequence keeps its own keys, positions and validity.
@@ -119,7 +138,7 @@ impl<B: Backend> KvCache<B> {
             let (kb, vb) = b.filled();
             let k = Tensor::cat(vec![left_pad(ka, width), left_pad(kb, width)], 0);
             let v = Tensor::cat(vec![left_pad(va, width), left_pad(vb, width)], 0);
-            layers.push(Some(LayerKv { blocks: vec![(k, v)], len: width }));
+            layers.push(Some(LayerKv::whole(k, v)));
         }
         let pad = |rows: Vec<Vec<bool>>| -> Vec<Vec<bool>> {
             rows.into_iter()
@@ -170,7 +189,7 @@ impl<B: Backend> KvCache<B> {
                 let idx = Tensor::<B, 2, Int>::from_data(TensorData::new(index.clone(), [b, keep]), &device)
                     .reshape([b, 1, keep, 1])
                     .expand([b, heads, keep, d]);
-                *slot = Some(LayerKv { blocks: vec![(k.gather(2, idx.clone()), v.gather(2, idx))], len: keep });
+                *slot = Some(LayerKv::whole(k.gather(2, idx.clone()), v.gather(2, idx)));
             }
         }
         self.valid = valid;
@@ -796,5 +815,60 @@ mod join_tests {
         let b = host(model.forward_cached(&one_row(&[30]), &mut alone[1]).unwrap());
         let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
         assert!(diff < 1e-5, "after a leave: {diff}");
+    }
+
+    /// Decode steps written into the blocks' room, and sequences leaving by moving down in
+    /// place, give the bits of the copying path (a cache whose blocks a clone shares is
+    /// never written in place) across block boundaries and after a leave.
+    #[test]
+    fn in_place_cache_writes_equal_copied_blocks_bit_for_bit() {
+        let config = ModelConfig::preset("tiny").unwrap().with_vocab_size(64);
+        let model = CausalLm::<C>::random(&config, 11, &Default::default()).unwrap();
+        let layers = config.num_hidden_layers;
+        let prompt: Vec<u32> = (0..3 * 21).map(|i| (i * 7 + 3) % 60 + 1).collect();
+        let batch = TokenBatch { ids: prompt, mask: vec![true; 63], batch: 3, seq: 21, segments: None };
+        let mut in_place = KvCache::<C>::new(3, layers);
+        let mut copied = KvCache::<C>::new(3, layers);
+        assert_eq!(host(model.forward_cached(&batch, &mut in_place).unwrap()), host(model.forward_cached(&batch, &mut copied).unwrap()));
+        if crate::cpu_kernels::writes_in_place::<C>() {
+            let kv = in_place.layers[0].as_ref().unwrap();
+            assert_eq!((kv.blocks[0].0.dims()[2], kv.open), (128, 21), "a prefill's block has room for the steps after it");
+        }
+        // Steps of 1–3 new positions per sequence (forced runs feed several), so blocks
+        // close with room left in them.
+        let step = |cache: &mut KvCache<C>, rows: usize, t: u32| {
+            let width = 1 + t as usize % 3;
+            let ids: Vec<u32> = (0..(rows * width) as u32).map(|i| (t * 5 + i * 11) % 60 + 1).collect();
+            let batch = TokenBatch { ids, mask: vec![true; rows * width], batch: rows, seq: width, segments: None };
+            host(model.forward_cached(&batch, cache).unwrap())
+        };
+        let views_cover_the_positions = |cache: &KvCache<C>| {
+            for kv in cache.layers.iter().flatten() {
+                let seen: usize = kv.views().iter().map(|(k, v)| {
+                    assert_eq!(k.dims(), v.dims());
+                    k.dims()[2]
+                }).sum();
+                assert_eq!(seen, kv.len);
+            }
+        };
+        // 21 + 130 positions: the first block closes at 126 of 128, a second opens.
+        for t in 0..65 {
+            let hold = copied.clone();
+            assert_eq!(step(&mut in_place, 3, t), step(&mut copied, 3, t), "step {t}");
+            drop(hold);
+            views_cover_the_positions(&in_place);
+        }
+        assert_eq!(in_place.layers[0].as_ref().unwrap().views().len(), 2);
+        in_place.keep_sequences(&[0, 2]).unwrap();
+        let mut copied = copied.select_rows(&[0, 2]).unwrap();
+        for t in 65..75 {
+            let hold = copied.clone();
+            assert_eq!(step(&mut in_place, 2, t), step(&mut copied, 2, t), "step {t} after a leave");
+            drop(hold);
+            views_cover_the_positions(&in_place);
+        }
+        assert!(in_place.keep_sequences(&[1, 0]).is_err() && in_place.keep_sequences(&[2]).is_err());
+        in_place.keep_sequences(&[]).unwrap();
+        assert_eq!(in_place.batch(), 0);
     }
 }

@@ -12,8 +12,10 @@ use rayon::prelude::*;
 
 use super::MAX_ROWS;
 use softmax::{softmax_in_place, softmax_rows};
+pub(crate) use cache::{keep_sequences, write_positions, writes_in_place};
 pub(crate) use swiglu::{swiglu, swiglu_backward};
 
+mod cache;
 mod softmax;
 mod swiglu;
 

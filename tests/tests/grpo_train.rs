@@ -378,8 +378,8 @@ fn a_token_budget_changes_the_passes_not_the_update() {
 /// embedding's gradient at step 3 comes out in one of two versions, a last bit apart (squared
 /// norms 0.91773546 and 0.9177354; every other parameter's gradient has the same bits), in
 /// the plain and in the checkpointed run alike, so the two step-3 norms are
-/// 1.0955500912341978 or 1.0955500368280628 on either side. Seen 2026-12-02 in about 1 of 10
-/// runs of this binary, with one training at a time too; the cause is not found (see
+/// 1.0955500912341978 or 1.0955500368280628 on either side. Seen on 2026-12-02 in 4 of 28 runs
+/// of this binary (2 of them with other CPU load beside it); the cause is not found (see
 /// docs/design.md, "Activation checkpointing").
 #[test]
 fn gradient_checkpointing_changes_memory_not_the_run() {

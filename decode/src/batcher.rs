@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use burn::tensor::backend::Backend;
 use rayon::prelude::*;
-use thinkjson_model::{CausalLm, KvCache};
+use thinkjson_model::{CausalLm, KvCache, ModelConfig};
 
 use crate::constraint::OutputCheck;
 use crate::error::{DecodeError, Result};
@@ -40,21 +40,84 @@ struct Member {
     seed: u64,
 }
 
+/// KV-cache memory a running batch may hold when no budget is set: 2 GiB, which beside the
+/// weights and one prompt's prefill keeps a ≤ 1.5B model's decoding well inside 24 GiB.
+pub const DEFAULT_CACHE_BYTES: u64 = 2 << 30;
+
+/// Cached positions (sequences × padded width) a batch may hold: `setting`, or when it is 0
+/// [`DEFAULT_CACHE_BYTES`] over the model's bytes per position (SmolLM2-135M: 46,603;
+/// Qwen2.5-1.5B: 37,449).
+pub fn cache_position_budget(setting: usize, config: &ModelConfig) -> usize {
+    if setting > 0 {
+        return setting;
+    }
+    (DEFAULT_CACHE_BYTES / config.kv_bytes_per_position().max(1)).max(1) as usize
+}
+
 /// A running batch over one KV cache. Use: [`Batcher::join`] new requests, [`Batcher::step`]
 /// once per forward pass, [`Batcher::take_finished`] after each step; [`Batcher::leave`]
 /// drops a sequence whose client went away.
+///
+/// Memory: the cache holds sequences × padded width positions (a joining prompt pads the
+/// shorter side to the longer). With a budget ([`Batcher::with_position_budget`]) and
+/// callers that admit only what [`Batcher::fits`] allows, it never holds more: every live
+/// sequence was admitted with room for its prompt and all its new tokens, and the batch
+/// drops its pad columns (`KvCache::compact`) whenever a join or a step would otherwise
+/// pass the budget. A batch that is empty admits one request whatever its size.
 pub struct Batcher<B: Backend> {
     seqs: Vec<Seq>,
     members: Vec<Member>,
     cache: KvCache<B>,
     layers: usize,
     stats: GenerationStats,
+    /// Cached positions the cache may hold (`usize::MAX`: no budget).
+    budget: usize,
+    /// The most cached positions held after a join or a step.
+    peak_positions: usize,
 }
 
 impl<B: Backend> Batcher<B> {
     pub fn new(model: &CausalLm<B>) -> Self {
         let layers = model.config().num_hidden_layers;
-        Self { seqs: Vec::new(), members: Vec::new(), cache: KvCache::new(0, layers), layers, stats: GenerationStats::default() }
+        Self { seqs: Vec::new(), members: Vec::new(), cache: KvCache::new(0, layers), layers, stats: GenerationStats::default(), budget: usize::MAX, peak_positions: 0 }
+    }
+
+    /// Bounds the cache to `positions` cached positions (see the type's doc and
+    /// [`cache_position_budget`]).
+    pub fn with_position_budget(mut self, positions: usize) -> Self {
+        self.budget = positions.max(1);
+        self
+    }
+
+    /// Whether `joining` more sequences, the longest of them `longest` positions once done
+    /// (prompt + max new tokens), fit the budget beside the live ones, each live one counted
+    /// with room for all the new tokens it may still take. Pad columns do not count: the
+    /// batch drops them when it has to.
+    pub fn fits(&self, joining: usize, longest: usize) -> bool {
+        let live = self.members.iter().map(|m| m.config.max_new_tokens).max().map_or(0, |n| self.cache.max_valid().saturating_add(n));
+        (self.len() + joining).saturating_mul(live.max(longest)) <= self.budget
+    }
+
+    /// Cached positions now: sequences × padded width.
+    pub fn cached_positions(&self) -> usize {
+        self.len() * self.cache_len()
+    }
+
+    /// The most cached positions the batch has held after a join or a step.
+    pub fn peak_cached_positions(&self) -> usize {
+        self.peak_positions
+    }
+
+    /// Drops the cache's pad columns when `sequences` rows `width` wide would pass the
+    /// budget and dropping them helps.
+    fn keep_within_budget(&mut self, sequences: usize, width: usize) {
+        if sequences.saturating_mul(width) > self.budget && self.cache.len() > self.cache.max_valid() {
+            self.cache.compact();
+        }
+    }
+
+    fn note_positions(&mut self) {
+        self.peak_positions = self.peak_positions.max(self.cached_positions());
     }
 
     /// Live sequences.
@@ -160,11 +223,14 @@ impl<B: Backend> Batcher<B> {
             }
         });
         self.stats.host_secs += t1.elapsed().as_secs_f64();
+        let (joining, width) = (cache.batch(), cache.len());
+        self.keep_within_budget(self.len() + joining, self.cache_len().max(width));
         self.cache.append_rows(cache)?;
         for (seq, m, _) in ordered {
             self.seqs.push(seq);
             self.members.push(m);
         }
+        self.note_positions();
         Ok(())
     }
 
@@ -174,6 +240,8 @@ impl<B: Backend> Batcher<B> {
         if !self.seqs.iter().any(Seq::has_pending) {
             return Ok(());
         }
+        let widest_feed = self.seqs.iter().map(Seq::pending_len).max().unwrap_or(0);
+        self.keep_within_budget(self.len(), self.cache_len() + widest_feed);
         let t0 = Instant::now();
         let cache = &mut self.cache;
         let members = &self.members;
@@ -187,6 +255,7 @@ impl<B: Backend> Batcher<B> {
             generator.after_forward(seq, &scored[b], fed[b], &last[b * vocab..(b + 1) * vocab], lse[b], &m.config);
         });
         self.stats.host_secs += t1.elapsed().as_secs_f64();
+        self.note_positions();
         Ok(())
     }
 

@@ -233,6 +233,11 @@ impl Seq {
     pub(crate) fn has_pending(&self) -> bool {
         !self.pending.is_empty()
     }
+
+    /// Tokens the next forward pass feeds this sequence (the cache positions it adds).
+    pub(crate) fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
 }
 
 impl Generator {

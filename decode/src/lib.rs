@@ -57,7 +57,7 @@ mod prompt;
 mod sampling;
 pub mod schema_check;
 
-pub use batcher::{Admission, Batcher};
+pub use batcher::{cache_position_budget, Admission, Batcher, DEFAULT_CACHE_BYTES};
 pub use closing::MARGIN as CLOSING_MARGIN;
 pub use constraint::{CompiledConstraint, Constraint, JsonStyle};
 pub use env::ConstraintEnv;

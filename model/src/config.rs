@@ -170,6 +170,12 @@ impl ModelConfig {
         self
     }
 
+    /// Bytes the KV cache keeps per cached position of one sequence (f32 keys and values of
+    /// every layer's key/value heads): SmolLM2-135M 46,080, Qwen2.5-1.5B 57,344.
+    pub fn kv_bytes_per_position(&self) -> u64 {
+        (4 * 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim) as u64
+    }
+
     /// Number of parameters (tied embeddings counted once).
     pub fn num_parameters(&self) -> usize {
         let h = self.hidden_size;

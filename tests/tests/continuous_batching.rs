@@ -164,3 +164,106 @@ fn a_schema_that_cannot_be_used_is_refused_alone() {
     assert!(refused[0].1.to_string().contains("$ref"), "{}", refused[0].1);
     assert_eq!(batch.ids(), vec![1]);
 }
+
+/// With a budget of cached positions, admission by [`Batcher::fits`] keeps the cache
+/// (sequences × padded width) within it at every step — a long prompt lowers how many
+/// sequences run, and the pads a finished long sequence leaves are dropped when a join or a
+/// step needs the room — and no output changes.
+#[test]
+fn a_position_budget_bounds_the_cache_and_changes_no_output() {
+    let tok = qwen();
+    let model = tiny(6);
+    let generator = Generator::for_model(&tok, &model).expect("generator");
+    let long = "Batch record of lot AB-123: ".repeat(12);
+    // A long prompt that stops early, then short ones that run on beside its pads.
+    let prompts: Vec<(String, usize)> = vec![(long.clone(), 3), ("Lot XY-1 count".into(), 20), ("Lot XY-2".into(), 18), ("Row 4".into(), 20), (long, 10), ("Row 6, short".into(), 16), ("Row 7".into(), 12)];
+    let queue: Vec<Admission> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, (p, max_new))| Admission { id: i as u64, request: Request::new(tok.encode(p).expect("encode"), Constraint::None), config: config(*max_new, 0.0, 0) })
+        .collect();
+    let longest = queue.iter().map(|a| a.request.prompt.len() + a.config.max_new_tokens).max().expect("requests");
+    let budget = 3 * longest;
+    let mut batch = Batcher::new(&model).with_position_budget(budget);
+    let mut waiting: std::collections::VecDeque<Admission> = queue.iter().cloned().collect();
+    let (mut done, mut refused_beside_others, mut most_at_once) = (Vec::new(), false, 0);
+    for _ in 0..200 {
+        while let Some(a) = waiting.front() {
+            if !batch.is_empty() && !batch.fits(1, a.request.prompt.len() + a.config.max_new_tokens) {
+                refused_beside_others = true;
+                break;
+            }
+            let a = waiting.pop_front().expect("front");
+            assert!(batch.join(&generator, &model, vec![a]).expect("join").is_empty());
+            assert!(batch.cached_positions() <= budget, "after a join: {} > {budget}", batch.cached_positions());
+        }
+        most_at_once = most_at_once.max(batch.len());
+        batch.step(&generator, &model).expect("step");
+        assert!(batch.cached_positions() <= budget, "after a step: {} > {budget}", batch.cached_positions());
+        done.extend(batch.take_finished(&generator, &model).expect("finished"));
+        if batch.is_empty() && waiting.is_empty() {
+            break;
+        }
+    }
+    assert!(waiting.is_empty() && batch.is_empty(), "the queue never drained");
+    assert!(refused_beside_others, "the budget never held a request back");
+    assert!(most_at_once >= 3, "the budget let at most {most_at_once} sequences run at once");
+    assert!(batch.peak_cached_positions() <= budget);
+    done.sort_by_key(|(id, _)| *id);
+    assert_eq!(done.len(), queue.len());
+    for ((id, c), a) in done.iter().zip(&queue) {
+        let own = alone(&generator, &model, a);
+        assert_eq!((&c.tokens, c.finish), (&own.tokens, own.finish), "request {id}");
+    }
+}
+
+/// The pads a finished long prompt leaves beside a short sequence (fewer than a leave
+/// compacts) are dropped when a step or a join would otherwise take the cache over its
+/// budget, and the outputs stay each request's own.
+#[test]
+fn pads_are_dropped_when_the_budget_needs_the_room() {
+    let tok = qwen();
+    let model = tiny(7);
+    let generator = Generator::for_model(&tok, &model).expect("generator");
+    let long = Admission { id: 0, request: Request::new(tok.encode(&"Batch record AB-123. ".repeat(3)).expect("encode"), Constraint::None), config: config(1, 0.0, 0) };
+    let short = |id: u64| Admission { id, request: Request::new(tok.encode(&format!("Row {id} of lot AB-123")).expect("encode"), Constraint::None), config: config(12, 0.0, 0) };
+    // A batch where the long prompt has left and its pads are still there.
+    let beside_pads = || {
+        let mut batch = Batcher::new(&model);
+        assert!(batch.join(&generator, &model, vec![long.clone(), short(1)]).expect("join").is_empty());
+        let mut done = Vec::new();
+        while batch.ids().contains(&0) {
+            batch.step(&generator, &model).expect("step");
+            done.extend(batch.take_finished(&generator, &model).expect("finished"));
+        }
+        assert_eq!(batch.ids(), vec![1]);
+        assert!(batch.cache_len() >= long.request.prompt.len(), "the leave already dropped the pads; the test needs them");
+        (batch, done)
+    };
+    let finish = |mut batch: Batcher<CpuBackend>, budget: usize, mut done: Vec<(u64, Completion)>| {
+        while !batch.is_empty() {
+            batch.step(&generator, &model).expect("step");
+            assert!(batch.cached_positions() <= budget, "after a step: {} > {budget}", batch.cached_positions());
+            done.extend(batch.take_finished(&generator, &model).expect("finished"));
+        }
+        done
+    };
+    // A step: the next position would pass a budget of the padded width.
+    let (batch, done) = beside_pads();
+    let budget = batch.cache_len();
+    let done = finish(batch.with_position_budget(budget), budget, done);
+    assert_eq!(done.len(), 2);
+    // A join: two rows as wide as the pads would pass the budget; without them they fit.
+    let (batch, done) = beside_pads();
+    let budget = 2 * batch.cache_len() - 1;
+    let mut batch = batch.with_position_budget(budget);
+    assert!(batch.join(&generator, &model, vec![short(2)]).expect("join").is_empty());
+    assert!(batch.cached_positions() <= budget, "after the join: {} > {budget}", batch.cached_positions());
+    let mut done = finish(batch, budget, done);
+    done.sort_by_key(|(id, _)| *id);
+    assert_eq!(done.iter().map(|(id, _)| *id).collect::<Vec<_>>(), vec![0, 1, 2]);
+    for (id, c) in &done {
+        let a = if *id == 0 { long.clone() } else { short(*id) };
+        assert_eq!(c.tokens, alone(&generator, &model, &a).tokens, "request {id}");
+    }
+}

@@ -12,7 +12,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use serde::{Deserialize, Serialize};
-use thinkjson_decode::{chat_prompt, Admission, Batcher, Constraint, GenerateConfig, Generator, Request, SamplingConfig};
+use thinkjson_decode::{cache_position_budget, chat_prompt, Admission, Batcher, Constraint, GenerateConfig, Generator, Request, SamplingConfig};
 use thinkjson_eval::Prediction;
 use thinkjson_model::burn::tensor::backend::Backend;
 use thinkjson_model::{ChatMessage, DeviceSpec, Pretrained};
@@ -58,6 +58,11 @@ pub struct PredictArgs {
     /// is room (continuous batching).
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
+    /// KV-cache positions (sequences × padded width) the running batch may hold; a row
+    /// joins only when it fits with room for every sequence's new tokens. 0: 2 GiB of cache
+    /// for the model (SmolLM2-135M: 46,603 positions).
+    #[arg(long, default_value_t = 0)]
+    max_cached_positions: usize,
     #[arg(long, default_value_t = 512)]
     max_new_tokens: usize,
     /// Reasoning budget with --constraint think_then_json.
@@ -86,6 +91,9 @@ pub struct PredictSpec {
     pub adapter: Option<PathBuf>,
     pub constraint: ConstraintKind,
     pub batch_size: usize,
+    /// The running batch's KV-cache budget in positions; 0: derived from the model
+    /// ([`cache_position_budget`]).
+    pub max_cached_positions: usize,
     pub max_new_tokens: usize,
     pub max_think_tokens: usize,
     pub temperature: f32,
@@ -106,6 +114,10 @@ pub struct PredictSummary {
     pub failed: Vec<String>,
     pub out: PathBuf,
     pub secs: f64,
+    /// The KV-cache budget the run used and the most positions its batch held (0 and 0 for
+    /// an endpoint).
+    pub cache_budget: usize,
+    pub peak_cached_positions: usize,
 }
 
 pub fn predict(args: PredictArgs) -> Result<()> {
@@ -152,6 +164,7 @@ fn predict_model(model: PathBuf, args: &PredictArgs, rows: &[Row]) -> Result<Pre
         adapter: args.adapter.clone(),
         constraint: args.constraint,
         batch_size: args.batch_size,
+        max_cached_positions: args.max_cached_positions,
         max_new_tokens: args.max_new_tokens,
         max_think_tokens: args.max_think_tokens,
         temperature: args.temperature,
@@ -189,11 +202,11 @@ pub fn predict_files(spec: &PredictSpec, outputs: &[(ConstraintKind, PathBuf)], 
     let needed: HashSet<&str> = jobs.iter().flat_map(|j| j.pending.iter().map(String::as_str)).collect();
     let mut seen = HashSet::new();
     let rows: Vec<Row> = rows.iter().filter(|r| needed.contains(r.id.as_str()) && seen.insert(r.id.as_str())).cloned().collect();
-    let results = dispatch(device, PredictJob { spec: spec.clone(), rows, outputs: jobs })?;
+    let done = dispatch(device, PredictJob { spec: spec.clone(), rows, outputs: jobs })?;
     let secs = started.elapsed().as_secs_f64();
     Ok(plans
         .into_iter()
-        .zip(results)
+        .zip(done.per_output)
         .zip(outputs)
         .map(|((plan, (written, failed)), (_, out))| PredictSummary {
             rows: plan.pending.len() + plan.kept + plan.skipped.len(),
@@ -203,6 +216,8 @@ pub fn predict_files(spec: &PredictSpec, outputs: &[(ConstraintKind, PathBuf)], 
             failed,
             out: out.clone(),
             secs,
+            cache_budget: done.cache_budget,
+            peak_cached_positions: done.peak_cached_positions,
         })
         .collect())
 }
@@ -297,14 +312,21 @@ fn row_seed(seed: u64, id: &str) -> u64 {
     id.bytes().fold(0xcbf2_9ce4_8422_2325u64 ^ seed, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
-impl OnBackend for PredictJob {
+/// What a [`PredictJob`] did.
+struct JobDone {
     /// Per output: rows written, and ids of rows whose constraint was refused.
-    type Output = Vec<(usize, Vec<String>)>;
+    per_output: Vec<(usize, Vec<String>)>,
+    cache_budget: usize,
+    peak_cached_positions: usize,
+}
+
+impl OnBackend for PredictJob {
+    type Output = JobDone;
     fn run<B: Backend>(self, device: B::Device) -> Result<Self::Output> {
         let PredictJob { spec, rows, outputs } = self;
         let mut results: Vec<(usize, Vec<String>)> = vec![(0, Vec::new()); outputs.len()];
         if rows.is_empty() {
-            return Ok(results);
+            return Ok(JobDone { per_output: results, cache_budget: 0, peak_cached_positions: 0 });
         }
         let pretrained = crate::model_ref::open(&spec.model)?;
         // Merged: the adapter's function without its extra matmuls at every decoding step.
@@ -324,36 +346,51 @@ impl OnBackend for PredictJob {
             files.push(file);
         }
         let k_outputs = outputs.len();
-        // Work left: each row with the outputs that still need it.
-        let mut queue: VecDeque<(usize, Vec<usize>)> = rows
+        // Work left: each row with the outputs that still need it (and its prompt, once
+        // rendered: a row that does not fit yet stays at the front).
+        let mut queue: VecDeque<(usize, Vec<usize>, Option<Vec<u32>>)> = rows
             .iter()
             .enumerate()
-            .map(|(i, r)| (i, (0..k_outputs).filter(|&k| outputs[k].pending.contains(&r.id)).collect::<Vec<_>>()))
-            .filter(|(_, ks)| !ks.is_empty())
+            .map(|(i, r)| (i, (0..k_outputs).filter(|&k| outputs[k].pending.contains(&r.id)).collect::<Vec<_>>(), None))
+            .filter(|(_, ks, _)| !ks.is_empty())
             .collect();
-        let todo: usize = queue.iter().map(|(_, ks)| ks.len()).sum();
+        let todo: usize = queue.iter().map(|(_, ks, _)| ks.len()).sum();
         let kept: usize = outputs.iter().map(|o| o.kept).sum();
         let bar = crate::metrics_log::step_bar("predict", (todo + kept) as u64, kept as u64);
         let cap = spec.batch_size;
-        let mut batcher = Batcher::new(&model);
+        let budget = cache_position_budget(spec.max_cached_positions, model.config());
+        let mut batcher = Batcher::new(&model).with_position_budget(budget);
         let mut joined_at: HashMap<u64, Instant> = HashMap::new();
         while !queue.is_empty() || !batcher.is_empty() {
             // Join rows in groups (each join copies the running cache once) once a quarter
             // of the batch is free, or at once when the batch is empty.
             let free = cap.saturating_sub(batcher.len());
-            let front = queue.front().map_or(0, |(_, ks)| ks.len());
+            let front = queue.front().map_or(0, |(_, ks, _)| ks.len());
             if front > 0 && (batcher.is_empty() || free >= front.max(cap / 4)) {
                 let mut room = free.max(front);
                 let mut joining = Vec::new();
-                while let Some((i, ks)) = queue.pop_front() {
+                let mut longest = 0;
+                while let Some((i, ks, prompt)) = queue.pop_front() {
                     if ks.len() > room {
-                        queue.push_front((i, ks));
+                        queue.push_front((i, ks, prompt));
                         break;
                     }
-                    room -= ks.len();
                     let row = &rows[i];
-                    let messages = thinkjson_synth::prompt::messages_with(&row.text, &row.schema, ChatMessage::new);
-                    let prompt = chat_prompt(&template, &tokenizer, &messages)?;
+                    let prompt = match prompt {
+                        Some(p) => p,
+                        None => {
+                            let messages = thinkjson_synth::prompt::messages_with(&row.text, &row.schema, ChatMessage::new);
+                            chat_prompt(&template, &tokenizer, &messages)?
+                        }
+                    };
+                    // Within the cache budget, unless the batch is empty (a row always runs).
+                    let alone = batcher.is_empty() && joining.is_empty();
+                    if !alone && !batcher.fits(joining.len() + ks.len(), longest.max(prompt.len() + spec.max_new_tokens)) {
+                        queue.push_front((i, ks, Some(prompt)));
+                        break;
+                    }
+                    longest = longest.max(prompt.len() + spec.max_new_tokens);
+                    room -= ks.len();
                     for k in ks {
                         let constraint = match outputs[k].constraint {
                             ConstraintKind::None => Constraint::None,
@@ -391,7 +428,7 @@ impl OnBackend for PredictJob {
             }
         }
         bar.finish_and_clear();
-        Ok(results)
+        Ok(JobDone { per_output: results, cache_budget: budget, peak_cached_positions: batcher.peak_cached_positions() })
     }
 }
 
@@ -431,6 +468,7 @@ mod tests {
             adapter: None,
             constraint,
             batch_size: 4,
+            max_cached_positions: 0,
             max_new_tokens: 24,
             max_think_tokens: 6,
             temperature: 0.0,
@@ -449,6 +487,25 @@ mod tests {
             let (a, b) = (read(path), read(&alone));
             assert_eq!(a.len(), rows.len());
             assert_eq!(a, b, "{k:?}");
+        }
+        // A cache budget of two of the longest sequences: rows wait for room instead of the
+        // cache growing past it, and the predictions are the same.
+        let pretrained = Pretrained::open(&model_dir).unwrap();
+        let template = pretrained.chat_template().unwrap();
+        let longest = rows
+            .iter()
+            .map(|r| chat_prompt(&template, &tokenizer, &thinkjson_synth::prompt::messages_with(&r.text, &r.schema, ChatMessage::new)).unwrap().len())
+            .max()
+            .unwrap();
+        let budget = 2 * (longest + 24);
+        let unbounded = summaries[0].peak_cached_positions;
+        assert!(unbounded > budget, "the run without a budget held {unbounded} positions, not more than {budget}");
+        let bounded: Vec<(ConstraintKind, PathBuf)> = kinds.iter().map(|&k| (k, dir.path().join(format!("bounded-{k:?}.jsonl")))).collect();
+        let summaries = predict_files(&PredictSpec { max_cached_positions: budget, ..spec(ConstraintKind::None) }, &bounded, &rows, false, DeviceSpec::Cpu).unwrap();
+        for (s, ((_, path), (_, free))) in summaries.iter().zip(bounded.iter().zip(&together)) {
+            assert_eq!((s.cache_budget, s.written), (budget, rows.len()));
+            assert!(s.peak_cached_positions <= budget, "peak {} of {budget}", s.peak_cached_positions);
+            assert_eq!(read(path), read(free));
         }
     }
 }

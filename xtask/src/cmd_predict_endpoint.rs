@@ -107,7 +107,7 @@ pub fn predict_endpoint(args: &EndpointArgs, decoding: &Decoding, rows: &[Row], 
     });
     bar.finish_and_clear();
     let (_, written, failed) = sink.into_inner().map_err(|_| anyhow::anyhow!("a prediction thread panicked"))?;
-    Ok(PredictSummary { rows: rows.len(), kept, written, skipped, failed, out: out.to_path_buf(), secs: started.elapsed().as_secs_f64() })
+    Ok(PredictSummary { rows: rows.len(), kept, written, skipped, failed, out: out.to_path_buf(), secs: started.elapsed().as_secs_f64(), cache_budget: 0, peak_cached_positions: 0 })
 }
 
 struct Client {

@@ -146,8 +146,12 @@ pub struct EvalSection {
     /// Held-out rows whose loss the SFT stage measures when it ends (one forward pass each).
     pub loss_rows: usize,
     /// Sequences generated together (a running batch that rows join as others finish; a
-    /// row's free and constrained outputs share one prefill).
+    /// row's free and constrained outputs share one prefill). Default 32.
     pub batch_size: usize,
+    /// KV-cache positions (sequences × padded width) the running batch may hold: a row joins
+    /// only when it fits with room for every sequence's new tokens, so a long prompt lowers
+    /// the batch instead of the memory growing. 0 (default): 2 GiB of cache for the model.
+    pub max_cached_positions: usize,
 }
 
 impl Default for PipelineFile {
@@ -231,10 +235,10 @@ impl Default for ModelSection {
 
 impl Default for EvalSection {
     fn default() -> Self {
-        // 16, not 32: a running batch pads every sequence's cache to its longest one, and the
-        // default's eval rows include a 6,000-character prompt (1-237): at 32, 64 SFT-model
-        // rows' think-then-JSON predictions peaked at 8.0 GiB of RSS (README).
-        Self { rows: 64, max_new_tokens: 224, max_think_tokens: 48, loss_rows: 16, batch_size: 16 }
+        // 32 with the cache budget: a running batch pads every sequence's cache to its
+        // longest one, and the default's eval rows include a 6,000-character prompt (1-237);
+        // by a count of sequences alone, 32 peaked at 8.0 GiB of RSS (README).
+        Self { rows: 64, max_new_tokens: 224, max_think_tokens: 48, loss_rows: 16, batch_size: 32, max_cached_positions: 0 }
     }
 }
 

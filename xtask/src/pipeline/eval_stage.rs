@@ -71,6 +71,7 @@ pub fn run(file: &PipelineFile, systems: &[System], curves: &[(&str, PathBuf)]) 
             adapter: None,
             constraint: ConstraintKind::None,
             batch_size: file.eval.batch_size.max(1),
+            max_cached_positions: file.eval.max_cached_positions,
             max_new_tokens: file.eval.max_new_tokens,
             max_think_tokens: file.eval.max_think_tokens,
             temperature: 0.0,

@@ -48,8 +48,9 @@ pub struct Limits {
     pub context: usize,
     /// Reasoning budgets of `reasoning_effort` low / medium / high.
     pub effort_tokens: [usize; 3],
-    /// KV positions (prompt + max_tokens, per choice) the running batch may reserve; a
-    /// request needing more alone is refused.
+    /// KV positions the running batch may hold: its choices' reserves (prompt + max_tokens
+    /// each) summed, and its padded cache (choices × the longest reserve); a request needing
+    /// more alone is refused.
     pub max_batch_tokens: usize,
 }
 

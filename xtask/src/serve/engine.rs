@@ -42,8 +42,9 @@ pub enum Event {
 pub struct Capacity {
     /// Sequences decoded together.
     pub max_batch: usize,
-    /// Reserved KV positions (prompt + max_tokens) summed over the running sequences; this
-    /// bounds the cache's memory whatever requests arrive.
+    /// KV positions: the running sequences' reserves (prompt + max_tokens) summed, and the
+    /// padded cache (sequences × the longest reserve, [`Batcher::fits`]) both stay within it,
+    /// so the cache's memory is bounded whatever requests arrive.
     pub max_batch_tokens: usize,
 }
 
@@ -61,7 +62,7 @@ struct JobShared {
 
 /// Runs until `jobs` closes (the server shut down) and nothing is left running.
 pub fn run<B: Backend>(model: &CausalLm<B>, generator: &Generator, jobs: Receiver<Job>, capacity: Capacity, metrics: &Metrics) {
-    let mut batch = Batcher::new(model);
+    let mut batch = Batcher::new(model).with_position_budget(capacity.max_batch_tokens);
     let mut waiting: VecDeque<Job> = VecDeque::new();
     let mut running: HashMap<u64, Running> = HashMap::new();
     let mut reserved = 0usize;
@@ -88,6 +89,7 @@ pub fn run<B: Backend>(model: &CausalLm<B>, generator: &Generator, jobs: Receive
         // Join at the step boundary, first come first served. Every job fits an empty batch
         // (checked on arrival), so one that does not fit now waits for room.
         let mut joining = Vec::new();
+        let mut longest = 0;
         while let Some(job) = waiting.front() {
             if job.events.is_closed() {
                 waiting.pop_front();
@@ -96,7 +98,9 @@ pub fn run<B: Backend>(model: &CausalLm<B>, generator: &Generator, jobs: Receive
             }
             let n = job.choices.len();
             let need = job.reserve * n;
-            let fits = batch.len() + joining.len() + n <= capacity.max_batch && reserved + need <= capacity.max_batch_tokens;
+            let fits = batch.len() + joining.len() + n <= capacity.max_batch
+                && reserved + need <= capacity.max_batch_tokens
+                && batch.fits(joining.len() + n, longest.max(job.reserve));
             let alone = batch.is_empty() && joining.is_empty();
             if !fits && !alone {
                 break;
@@ -104,6 +108,7 @@ pub fn run<B: Backend>(model: &CausalLm<B>, generator: &Generator, jobs: Receive
             let Some(job) = waiting.pop_front() else { break };
             metrics.dequeued(1);
             reserved += need;
+            longest = longest.max(job.reserve);
             let shared = Arc::new(JobShared { events: job.events, stream: job.stream, reserve: job.reserve });
             for (index, a) in job.choices.into_iter().enumerate() {
                 running.insert(a.id, Running { job: shared.clone(), index, sent: String::new() });

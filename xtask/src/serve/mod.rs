@@ -4,7 +4,8 @@
 //! Threads: tokio's workers parse and check requests (schema compiled before queueing, so a
 //! refused schema is a 400 at once) and turn engine events into responses; one engine
 //! thread owns the model and the running batch ([`engine`]). A bounded queue between them
-//! answers 429 when full; the batch is bounded in sequences and in reserved KV positions.
+//! answers 429 when full; the batch is bounded in sequences and in KV positions (reserved
+//! and padded).
 
 pub mod api;
 pub mod engine;

@@ -128,17 +128,24 @@ impl<B: Backend> KvCache<B> {
         if self.layers.len() != other.layers.len() {
             return Err(ModelError::Input(format!("caches of {} and {} layers cannot be joined", self.layers.len(), other.layers.len())));
         }
+        if let Some(i) = self.layers.iter().zip(&other.layers).position(|(a, b)| a.is_none() || b.is_none()) {
+            return Err(ModelError::Input(format!("layer {i} of a cache to join holds no keys")));
+        }
         let width = self.len().max(other.len());
-        let mut layers = Vec::with_capacity(self.layers.len());
-        for (i, (a, b)) in self.layers.iter().zip(&other.layers).enumerate() {
-            let (Some(a), Some(b)) = (a, b) else {
+        // Layer by layer, each old layer dropped as soon as its joined one is built: the
+        // cache is held about once during a join, not twice (it is most of a batch's memory).
+        let mut theirs = other.layers;
+        for (i, (slot, their)) in self.layers.iter_mut().zip(theirs.iter_mut()).enumerate() {
+            let (Some(a), Some(b)) = (slot.take(), their.take()) else {
                 return Err(ModelError::Input(format!("layer {i} of a cache to join holds no keys")));
             };
             let (ka, va) = a.filled();
+            drop(a);
             let (kb, vb) = b.filled();
+            drop(b);
             let k = Tensor::cat(vec![left_pad(ka, width), left_pad(kb, width)], 0);
             let v = Tensor::cat(vec![left_pad(va, width), left_pad(vb, width)], 0);
-            layers.push(Some(LayerKv::whole(k, v)));
+            *slot = Some(LayerKv::whole(k, v));
         }
         let pad = |rows: Vec<Vec<bool>>| -> Vec<Vec<bool>> {
             rows.into_iter()
@@ -151,7 +158,6 @@ impl<B: Backend> KvCache<B> {
         };
         let mut valid = pad(std::mem::take(&mut self.valid));
         valid.extend(pad(other.valid));
-        self.layers = layers;
         self.valid = valid;
         self.next_pos.extend(other.next_pos);
         Ok(())
@@ -815,6 +821,25 @@ mod join_tests {
         let b = host(model.forward_cached(&one_row(&[30]), &mut alone[1]).unwrap());
         let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
         assert!(diff < 1e-5, "after a leave: {diff}");
+    }
+
+    /// A cache with a layer that holds no keys cannot join, and the refused join leaves the
+    /// running cache whole: `append_rows` takes it apart layer by layer (to hold it about
+    /// once), so every layer is checked before the first is taken.
+    #[test]
+    fn a_refused_join_leaves_the_running_cache_whole() {
+        let config = ModelConfig::preset("tiny").unwrap().with_vocab_size(64);
+        let model = CausalLm::<C>::random(&config, 5, &Default::default()).unwrap();
+        let layers = config.num_hidden_layers;
+        let mut running = KvCache::<C>::new(1, layers);
+        model.forward_cached(&one_row(&[1, 5, 9]), &mut running).unwrap();
+        let mut untouched = running.clone();
+        let err = running.append_rows(KvCache::new(1, layers)).unwrap_err();
+        assert!(err.to_string().contains("layer 0"), "{err}");
+        assert_eq!((running.batch(), running.len()), (1, 3));
+        let a = host(model.forward_cached(&one_row(&[4]), &mut running).unwrap());
+        let b = host(model.forward_cached(&one_row(&[4]), &mut untouched).unwrap());
+        assert_eq!(a, b);
     }
 
     /// Decode steps written into the blocks' room, and sequences leaving by moving down in

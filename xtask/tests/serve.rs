@@ -2,8 +2,9 @@
 //! agree, JSON-Schema answers validate, reasoning and content are separated, each bad
 //! request gets its status and OpenAI-shaped error while the server keeps serving, a client
 //! that leaves frees its sequence, 64 concurrent clients are all answered, a full queue
-//! answers 429, and `predict --endpoint` reproduces `predict --model`. Every server listens
-//! on 127.0.0.1 and stops by itself (`--exit-after-secs`) or when its test ends.
+//! answers 429, a padded batch stays within `--max-batch-tokens`, and `predict --endpoint`
+//! reproduces `predict --model`. Every server listens on 127.0.0.1 and stops by itself
+//! (`--exit-after-secs`) or when its test ends.
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -323,6 +324,62 @@ fn a_full_queue_answers_429() {
     });
     assert!(statuses.iter().all(|&s| s == 200 || s == 429), "{statuses:?}");
     assert!(statuses.contains(&429) && statuses.contains(&200), "{statuses:?}");
+}
+
+/// The value of an unlabelled line of `GET /metrics`.
+fn metric(text: &str, name: &str) -> u64 {
+    let line = text.lines().find(|l| l.split_whitespace().next() == Some(name)).unwrap_or_else(|| panic!("no {name} in {text}"));
+    line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{line}"))
+}
+
+/// A long request is running when short ones arrive whose reserves (prompt + max_tokens)
+/// still fit `--max-batch-tokens` beside it, but whose rows, padded to the long one's width,
+/// would not: they wait, and the padded cache never passes the budget.
+#[test]
+fn a_padded_batch_stays_within_max_batch_tokens() {
+    let budget: u64 = 600;
+    let server = Server::start(&["--max-batch-tokens", &budget.to_string()]);
+    let long_text = "Lot AB-123: 40 units, released. ".repeat(10);
+    let long = json!({"model": "tiny", "stream": true, "max_tokens": 250, "temperature": 1.0, "seed": 1,
+        "stream_options": {"include_usage": true},
+        "messages": [{"role": "system", "content": "Extract the record as JSON."}, {"role": "user", "content": long_text}]});
+    let resp = ureq::post(&server.url("/v1/chat/completions")).timeout(Duration::from_secs(120)).set("Content-Type", "application/json").send_string(&long.to_string()).expect("long request");
+    let mut lines = BufReader::new(resp.into_reader()).lines();
+    // Its first chunk: the long request is queued (first) and running.
+    assert!(lines.next().expect("first chunk").expect("line").starts_with("data: "));
+    let shorts: Vec<Value> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..4)
+            .map(|i| {
+                let server = &server;
+                scope.spawn(move || {
+                    let (status, v) = server.post("/v1/chat/completions", &chat_body(json!({"max_tokens": 8, "temperature": 1.0, "seed": 10 + i})), None);
+                    assert_eq!(status, 200, "{v}");
+                    v
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("client")).collect()
+    });
+    let mut long_usage = Value::Null;
+    for line in lines {
+        let line = line.expect("line");
+        if let Some(chunk) = line.strip_prefix("data: ").filter(|d| *d != "[DONE]") {
+            let chunk: Value = serde_json::from_str(chunk).expect("chunk");
+            if !chunk["usage"].is_null() {
+                long_usage = chunk["usage"].clone();
+            }
+        }
+    }
+    // The set-up holds: the reserves fit side by side, two rows of the long one's width do not.
+    let long_prompt = long_usage["prompt_tokens"].as_u64().expect("long usage");
+    let long_reserve = long_prompt + 250;
+    let short_reserve = shorts[0]["usage"]["prompt_tokens"].as_u64().expect("short usage") + 8;
+    assert!(long_reserve + 4 * short_reserve <= budget && 2 * long_reserve > budget, "{long_reserve} {short_reserve}");
+    assert!(long_usage["completion_tokens"].as_u64().expect("completion tokens") > 16, "{long_usage}");
+    let (_, metrics) = server.get("/metrics");
+    let peak = metric(&metrics, "thinkjson_kv_cache_positions_peak");
+    assert!(peak <= budget && peak >= long_prompt, "peak {peak} of {budget}, long prompt {long_prompt}");
+    assert_eq!(metric(&metrics, "thinkjson_kv_cache_position_budget"), budget);
 }
 
 #[test]

@@ -142,6 +142,7 @@ pub fn run<B: Backend>(model: &CausalLm<B>, generator: &Generator, jobs: Receive
             }
         }
         metrics.set_running(batch.len());
+        metrics.cache(batch.cached_positions(), batch.peak_cached_positions(), capacity.max_batch_tokens);
         if batch.is_empty() {
             continue;
         }
@@ -151,6 +152,7 @@ pub fn run<B: Backend>(model: &CausalLm<B>, generator: &Generator, jobs: Receive
             continue;
         }
         metrics.step(batch.len(), started.elapsed());
+        metrics.cache(batch.cached_positions(), batch.peak_cached_positions(), capacity.max_batch_tokens);
         match batch.take_finished(generator, model) {
             Ok(finished) => {
                 for (id, completion) in finished {

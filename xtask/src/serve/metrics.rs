@@ -20,6 +20,9 @@ pub struct Metrics {
     step_micros: AtomicU64,
     joins: AtomicU64,
     join_micros: AtomicU64,
+    cache_positions: AtomicU64,
+    cache_positions_peak: AtomicU64,
+    cache_position_budget: AtomicU64,
     latency: Mutex<(Vec<u64>, f64, u64)>,
 }
 
@@ -80,6 +83,14 @@ impl Metrics {
         self.join_micros.fetch_add(took.as_micros() as u64, Relaxed);
     }
 
+    /// The running batch's KV cache in positions (sequences × padded width): now, the most
+    /// since the server started, and the budget (`--max-batch-tokens`).
+    pub fn cache(&self, held: usize, peak: usize, budget: usize) {
+        self.cache_positions.store(held as u64, Relaxed);
+        self.cache_positions_peak.store(peak as u64, Relaxed);
+        self.cache_position_budget.store(budget as u64, Relaxed);
+    }
+
     pub fn render(&self) -> String {
         let mut out = String::new();
         out.push_str("# HELP thinkjson_requests_total Requests answered, by endpoint and status.\n# TYPE thinkjson_requests_total counter\n");
@@ -107,6 +118,9 @@ impl Metrics {
             "# HELP thinkjson_join_seconds_total Time joining sequences (prefill, first token, cache merge).\n# TYPE thinkjson_join_seconds_total counter\nthinkjson_join_seconds_total {:.6}\n",
             self.join_micros.load(Relaxed) as f64 / 1e6
         ));
+        gauge(&mut out, "thinkjson_kv_cache_positions", "KV positions the running batch holds (sequences x padded width).", "gauge", self.cache_positions.load(Relaxed));
+        gauge(&mut out, "thinkjson_kv_cache_positions_peak", "The most KV positions the running batch has held since the server started.", "gauge", self.cache_positions_peak.load(Relaxed));
+        gauge(&mut out, "thinkjson_kv_cache_position_budget", "The most KV positions the running batch may hold (--max-batch-tokens).", "gauge", self.cache_position_budget.load(Relaxed));
         out.push_str("# HELP thinkjson_request_latency_seconds Time from arrival to the last byte of the answer.\n# TYPE thinkjson_request_latency_seconds histogram\n");
         if let Ok(l) = self.latency.lock() {
             for (i, b) in BUCKETS.iter().enumerate() {

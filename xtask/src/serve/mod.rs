@@ -53,7 +53,9 @@ pub struct ServeArgs {
     /// Sequences decoded together.
     #[arg(long, default_value_t = 16)]
     max_batch: usize,
-    /// Prompt + max_tokens summed over the running sequences: bounds the KV cache's memory.
+    /// KV positions of the running batch: its sequences' prompt + max_tokens summed, and its
+    /// padded cache (sequences × the longest of them), both stay within it; bounds the KV
+    /// cache's memory. `GET /metrics` reports the positions held and their peak.
     #[arg(long, default_value_t = 32_768)]
     max_batch_tokens: usize,
     /// Requests waiting beyond this are answered 429.

@@ -1,8 +1,10 @@
 //! Inference kernels for the CPU backend: projections and the vocabulary head for up to
 //! [`MAX_ROWS`] rows (a decode step), grouped-query attention for inference (decode steps
 //! over the KV cache, and prefills), in-place writes into the KV cache's blocks, RoPE, and
-//! SwiGLU's `silu(gate) · up` — the one kernel training uses too, with its backward pass,
-//! both with burn's bits.
+//! SwiGLU's `silu(gate) · up` — which training uses too, with its backward pass, both with
+//! burn's bits. Causal attention of many queries (training's forward and backward, a long
+//! prefill without a cache before it) runs block products through gemm instead
+//! (`imp/training_attention.rs`).
 //!
 //! A decode step multiplies one row per sequence by every weight of the model and reads every
 //! cached key and value once: its floor is memory traffic, not arithmetic (SmolLM2-135M:
@@ -30,10 +32,13 @@ pub(crate) const MAX_ROWS: usize = 32;
 mod imp;
 
 #[cfg(all(feature = "flex", target_arch = "x86_64"))]
-pub(crate) use imp::{attention, contiguous, keep_sequences, matmul_few_rows, rope, rope_backward, swiglu, swiglu_backward, write_positions, writes_in_place};
+pub(crate) use imp::{attention, attention_backward, attention_forward, contiguous, keep_sequences, matmul_few_rows, rope, rope_backward, swiglu, swiglu_backward, write_positions, writes_in_place};
 
 #[cfg(test)]
 pub(crate) use imp::available;
+
+#[cfg(all(test, feature = "flex", target_arch = "x86_64"))]
+pub(crate) use imp::TRAINING_QUERY_BLOCK;
 
 #[cfg(not(all(feature = "flex", target_arch = "x86_64")))]
 mod imp {
@@ -83,6 +88,14 @@ mod imp {
         None
     }
 
+    pub(crate) fn attention_forward<B: Backend>(_: &Tensor<B, 4>, _: &Tensor<B, 4>, _: &Tensor<B, 4>) -> Option<Tensor<B, 4>> {
+        None
+    }
+
+    pub(crate) fn attention_backward<B: Backend>(_: &Tensor<B, 4>, _: &Tensor<B, 4>, _: &Tensor<B, 4>, _: &Tensor<B, 4>) -> Option<[Tensor<B, 4>; 3]> {
+        None
+    }
+
     pub(crate) fn attention<B: Backend>(
         _: &Tensor<B, 4>,
         _: &[(Tensor<B, 4>, Tensor<B, 4>)],
@@ -94,4 +107,4 @@ mod imp {
 }
 
 #[cfg(not(all(feature = "flex", target_arch = "x86_64")))]
-pub(crate) use imp::{attention, contiguous, keep_sequences, matmul_few_rows, rope, rope_backward, swiglu, swiglu_backward, write_positions, writes_in_place};
+pub(crate) use imp::{attention, attention_backward, attention_forward, contiguous, keep_sequences, matmul_few_rows, rope, rope_backward, swiglu, swiglu_backward, write_positions, writes_in_place};

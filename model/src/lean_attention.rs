@@ -10,6 +10,11 @@
 //! `dV = Pᵀ dO`, `dS = P ∘ (dO vᵀ − rowsum(P ∘ dO vᵀ))`, `dQ = dS k / √d`, `dK = dSᵀ q / √d`.
 //! Memory for attention becomes linear in the length.
 //!
+//! On the CPU with AVX2 and FMA both directions run the kernels of
+//! `cpu_kernels/imp/training_attention.rs` (gemm's products on blocks of 64 queries, the
+//! softmax and `dS` fused in place, dK and dV accumulated in place); burn's ops below are the
+//! path everywhere else and the reference the kernels are tested against.
+//!
 //! burn has no public hook for a custom backward inside a model generic over `Backend`, so
 //! [`causal_attention`] recognises the CPU training backend by type at run time and takes
 //! this path there; every other backend (inference, CUDA) gets the plain fused call.
@@ -107,7 +112,8 @@ fn lean<B: Backend, I: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4
         return Err((q, k, v));
     };
     let inner = |p: &Primitive<I>| Tensor::<I, 4>::from_primitive(TensorPrimitive::Float(p.primitive.clone()));
-    let out = fused_by_heads(inner(&qa), inner(&ka), inner(&va)).into_primitive().tensor();
+    let (qi, ki, vi) = (inner(&qa), inner(&ka), inner(&va));
+    let out = crate::cpu_kernels::attention_forward(&qi, &ki, &vi).unwrap_or_else(|| fused_by_heads(qi, ki, vi)).into_primitive().tensor();
     let [b, h, s, _] = q.dims();
     let keys = k.dims()[2];
     let block = block.unwrap_or_else(|| (BLOCK_ELEMENTS / (b * h * keys).max(1)).clamp(16, s.max(16)));
@@ -140,13 +146,16 @@ impl<I: Backend> Backward<I, 3> for RecomputedAttention {
         let (q, k, v) = ops.state;
         let (q, k, v) = (float(q), float(k), float(v));
         let d_out = float(grads.consume::<I>(&ops.node));
-        // Pairs apart, as in the forward pass: each pair's gradients are its own ops on its
-        // own rows, with the same query blocks.
-        let block = self.block;
-        let inputs = [q, k, v, d_out];
-        let [dq, dk, dv] = by_heads(&inputs, |[q, k, v, d_out]| recomputed_grads(q, k, v, d_out, block)).unwrap_or_else(|| {
-            let [q, k, v, d_out] = inputs;
-            recomputed_grads(q, k, v, d_out, block)
+        // The fused kernel where it runs (the plain CPU backend with AVX2 and FMA); burn's
+        // ops otherwise, pairs apart as in the forward pass: each pair's gradients are its
+        // own ops on its own rows, with the same query blocks.
+        let [dq, dk, dv] = crate::cpu_kernels::attention_backward(&q, &k, &v, &d_out).unwrap_or_else(|| {
+            let block = self.block;
+            let inputs = [q, k, v, d_out];
+            by_heads(&inputs, |[q, k, v, d_out]| recomputed_grads(q, k, v, d_out, block)).unwrap_or_else(|| {
+                let [q, k, v, d_out] = inputs;
+                recomputed_grads(q, k, v, d_out, block)
+            })
         });
         let [pq, pk, pv] = ops.parents;
         for (parent, grad) in [(pq, dq), (pk, dk), (pv, dv)] {
@@ -275,6 +284,47 @@ mod tests {
             for (i, what) in ["dq", "dk", "dv"].into_iter().enumerate() {
                 let (a, b) = (bits(serial[i].clone()), bits(parallel[i].clone()));
                 assert!(!a.is_empty() && a == b, "{what} ({s} queries, {keys} keys)");
+            }
+        }
+    }
+
+    /// The training kernels against burn's: the forward against its fused kernel, the
+    /// backward against the recomputation above with burn's ops; square, one query, a cached
+    /// prefix, a strided query, grouped KV heads, lengths around the kernels' query block
+    /// (one sequence's queries cut in parts); and the backward's bits on two threads equal
+    /// one thread's.
+    #[cfg(all(feature = "flex", target_arch = "x86_64"))]
+    #[test]
+    fn training_kernels_match_burns_ops() {
+        if !crate::cpu_kernels::available() {
+            return;
+        }
+        let device = Default::default();
+        let block = crate::cpu_kernels::TRAINING_QUERY_BLOCK;
+        let pool = |n: usize| rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap_or_else(|e| panic!("{e}"));
+        let bits = |t: &Tensor<CpuBackend, 4>| t.to_data().to_vec::<f32>().unwrap_or_default().iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for (b, h, s, keys, d) in [(2, 3, 37, 37, 8), (1, 2, 1, 1, 16), (1, 1, 1, 20, 8), (3, 2, 21, 50, 8), (1, 2, block + 1, block + 1, 64), (2, 1, 2 * block + 5, 3 * block, 32)] {
+            let random = |shape: [usize; 4]| Tensor::<CpuBackend, 4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+            let q = random([b, s, h, d]).swap_dims(1, 2);
+            let (k, v, g) = (random([b, h, keys, d]), random([b, h, keys, d]), random([b, h, s, d]));
+            let out = crate::cpu_kernels::attention_forward(&q, &k, &v).unwrap_or_else(|| panic!("the forward kernel did not run"));
+            let diff = max_diff(out, fused(q.clone(), k.clone(), v.clone()));
+            assert!(diff < 1e-5, "{b}×{h}×{s}×{keys}×{d}: output differs by {diff}");
+            // Grouped query heads (a prefill's layout): one KV head read by 2h query heads,
+            // against that head repeated to them.
+            let (kg, vg) = (random([b, 1, keys, d]), random([b, 1, keys, d]));
+            let qg = random([b, 2 * h, s, d]);
+            let out = crate::cpu_kernels::attention_forward(&qg, &kg, &vg).unwrap_or_else(|| panic!("the grouped forward did not run"));
+            let diff = max_diff(out, fused(qg.clone(), kg.clone().repeat_dim(1, 2 * h), vg.clone().repeat_dim(1, 2 * h)));
+            assert!(diff < 1e-5, "{b}×{h}×{s}×{keys}×{d}: grouped output differs by {diff}");
+            let reference = recomputed_grads(q.clone(), k.clone(), v.clone(), g.clone(), 7);
+            let one = pool(1).install(|| crate::cpu_kernels::attention_backward(&q, &k, &v, &g)).unwrap_or_else(|| panic!("the kernel did not run"));
+            let two = pool(2).install(|| crate::cpu_kernels::attention_backward(&q, &k, &v, &g)).unwrap_or_else(|| panic!("the kernel did not run"));
+            for (i, what) in ["dq", "dk", "dv"].into_iter().enumerate() {
+                let diff = max_diff(one[i].clone(), reference[i].clone());
+                let size = reference[i].clone().abs().max().into_scalar();
+                assert!(diff <= 1e-5 * size.max(1.0), "{b}×{h}×{s}×{keys}×{d}: {what} differs by {diff} (largest {size})");
+                assert!(bits(&one[i]) == bits(&two[i]), "{b}×{h}×{s}×{keys}×{d}: {what} on two threads");
             }
         }
     }

@@ -384,10 +384,12 @@ fn train_rate<B: AutodiffBackend>(model: CausalLm<B>, len: usize) -> Result<f64>
     let ids: Vec<u32> = (0..len as u32).map(|i| (i * 31) % 500 + 3).collect();
     let targets: Vec<u32> = ids.iter().skip(1).copied().chain([1]).collect();
     let batch = TokenBatch::new(&[ids], Padding::Right, 0)?;
+    // The vocabulary head in rows of the trainers' default (SFT's and GRPO's `logprob_chunk`).
+    let chunk = thinkjson_sft::SftConfig::default().logprob_chunk;
     let mut best = f64::MAX;
     for _ in 0..2 {
         let t = Instant::now();
-        let loss = model.token_logprobs(&batch, &targets, 64)?.mean().neg();
+        let loss = model.token_logprobs(&batch, &targets, chunk)?.mean().neg();
         let _grads = loss.backward();
         best = best.min(t.elapsed().as_secs_f64());
     }

@@ -12,12 +12,16 @@ use rayon::prelude::*;
 
 use super::MAX_ROWS;
 use softmax::{softmax_in_place, softmax_rows};
+#[cfg(test)]
+pub(crate) use training_attention::QUERY_BLOCK as TRAINING_QUERY_BLOCK;
+pub(crate) use training_attention::{attention_backward, attention_forward};
 pub(crate) use cache::{keep_sequences, write_positions, writes_in_place};
 pub(crate) use swiglu::{swiglu, swiglu_backward};
 
 mod cache;
 mod softmax;
 mod swiglu;
+mod training_attention;
 
 /// Whether this CPU runs the kernels (AVX2 and FMA; checked once). Every x86-64 CPU with
 /// AVX-512 has them too, so one code path gives the same sums on both kinds of machine.
@@ -461,15 +465,30 @@ impl<'a> View<'a> {
 /// cache): the same result as `grouped_attention` (mask `[b, 1, s, keys]`, `true` = blocked;
 /// without one the queries are the last `s` positions, causal). Each task is one (sequence,
 /// KV head, run of queries) and reads each key and value row once for all the query heads
-/// that share it. `None` where it does not apply.
+/// that share it. A causal prefill of [`GEMM_MIN_QUERIES`] or more positions with no cache
+/// before it takes the block products of `training_attention` (the same values within
+/// float rounding, not the same bits). `None` where it does not apply.
 pub(crate) fn attention<B: Backend>(
     q: &Tensor<B, 4>,
     blocks: &[(Tensor<B, 4>, Tensor<B, 4>)],
     keys: usize,
     mask: Option<&Tensor<B, 4, Bool>>,
 ) -> Option<Tensor<B, 4>> {
+    // A long causal prefill without a cache before it: block products (gemm) instead of
+    // one query row at a time.
+    if let ([(k, v)], None) = (blocks, mask) {
+        if q.dims()[2] >= GEMM_MIN_QUERIES && k.dims()[2] == q.dims()[2] {
+            if let Some(out) = training_attention::attention_forward(q, k, v) {
+                return Some(out);
+            }
+        }
+    }
     attention_paths::<B, true>(q, blocks, keys, mask)
 }
+
+/// New positions from which a prefill's attention takes the block products: a block of
+/// queries or more.
+const GEMM_MIN_QUERIES: usize = training_attention::QUERY_BLOCK;
 
 /// [`attention`], with (`FAST`) or without the paths for head sizes 32 and 64 and groups of
 /// up to 3 heads; a test holds the two to equal bits.

@@ -146,7 +146,7 @@ impl<I: Backend> Backward<I, 3> for RecomputedAttention {
         let (q, k, v) = ops.state;
         let (q, k, v) = (float(q), float(k), float(v));
         let d_out = float(grads.consume::<I>(&ops.node));
-        // The fused kernel where it runs (the plain CPU backend with AVX2 and FMA); burn's
+        // The training kernel where it runs (the plain CPU backend with AVX2 and FMA); burn's
         // ops otherwise, pairs apart as in the forward pass: each pair's gradients are its
         // own ops on its own rows, with the same query blocks.
         let [dq, dk, dv] = crate::cpu_kernels::attention_backward(&q, &k, &v, &d_out).unwrap_or_else(|| {

@@ -94,7 +94,7 @@ def main():
         params = sum(p.numel() for p in model.parameters())
         if a.context:
             for n in (int(x) for x in a.context.split(",")):
-                figures.append((f"model/{name}/prefill 1x{n}", prefill_rate(model, n, 1), "tokens/s"))
+                figures.append((f"model/{name}/prefill 1x{n}", prefill_rate(model, n, 2), "tokens/s"))
                 for b in (1, 8):
                     figures.append((f"model/{name}/decode batch {b} @ {n}", decode_rate(model, b, steps, n), "tokens/s"))
                 figures.append((f"model/{name}/peak RSS so far", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "MiB"))

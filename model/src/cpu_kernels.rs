@@ -14,7 +14,8 @@
 //! one thread; on 2 cores it read decode-shaped weights at 4–6 GB/s, and its batched small
 //! matmuls over cache blocks were the larger half of a step at 600 tokens. These kernels
 //! stream each weight and each cache block once, on every core, with AVX2 and FMA (one path
-//! on every x86-64 CPU that has them, AVX-512 ones included, so all sum alike). In a prefill,
+//! on every x86-64 CPU that has them, AVX-512 ones included, so all sum alike; only the
+//! exponential takes sixteen lanes where AVX-512F is present, with each lane's bits unchanged). In a prefill,
 //! the attention kernel also spares the copies of burn's path (KV heads repeated to the
 //! query heads, the mask expanded to every head).
 //!
@@ -24,15 +25,16 @@
 //! unchanged. Training reaches the SwiGLU kernels through [`crate::lean_mlp`]'s custom op,
 //! which hands them the plain backend's tensors.
 
-/// Largest row count (batch × new positions) a projection sends here; more rows (a prefill)
-/// reuse each weight enough for burn's packed GEMM to pay off.
+/// Largest row count (batch × new positions) a projection sends to the streaming kernel;
+/// more rows (a prefill) reuse each weight enough for gemm's packed products to pay off
+/// (`matmul_gemm`).
 pub(crate) const MAX_ROWS: usize = 32;
 
 #[cfg(all(feature = "flex", target_arch = "x86_64"))]
 mod imp;
 
 #[cfg(all(feature = "flex", target_arch = "x86_64"))]
-pub(crate) use imp::{attention, attention_backward, attention_forward, contiguous, keep_sequences, matmul_few_rows, rope, rope_backward, swiglu, swiglu_backward, write_positions, writes_in_place};
+pub(crate) use imp::{attention, attention_backward, attention_forward, contiguous, keep_sequences, matmul_few_rows, matmul_gemm, rope, rope_backward, swiglu, swiglu_backward, write_positions, writes_in_place};
 
 #[cfg(test)]
 pub(crate) use imp::available;
@@ -51,6 +53,10 @@ mod imp {
     }
 
     pub(crate) fn matmul_few_rows<B: Backend>(_: &Tensor<B, 2>, _: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
+        None
+    }
+
+    pub(crate) fn matmul_gemm<B: Backend>(_: &Tensor<B, 2>, _: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
         None
     }
 
@@ -107,4 +113,4 @@ mod imp {
 }
 
 #[cfg(not(all(feature = "flex", target_arch = "x86_64")))]
-pub(crate) use imp::{attention, attention_backward, attention_forward, contiguous, keep_sequences, matmul_few_rows, rope, rope_backward, swiglu, swiglu_backward, write_positions, writes_in_place};
+pub(crate) use imp::{attention, attention_backward, attention_forward, contiguous, keep_sequences, matmul_few_rows, matmul_gemm, rope, rope_backward, swiglu, swiglu_backward, write_positions, writes_in_place};

@@ -38,12 +38,19 @@ impl<B: Backend> RmsNorm<B> {
 
 /// `x · W (+ b)` for `[batch, seq, in]` as one 2-D GEMM. Passing the 3-D tensor makes CPU
 /// backends run a batched matmul against the broadcast weight — one pass over the weight per
-/// sequence, which halved batched decode throughput. A decode step's few rows go to the CPU
-/// kernel where it applies ([`crate::cpu_kernels::matmul_few_rows`]).
+/// sequence, which halved batched decode throughput. On the plain CPU backend a decode
+/// step's few rows go to the streaming kernel ([`crate::cpu_kernels::matmul_few_rows`]) and
+/// more rows to gemm without burn's output copies ([`crate::cpu_kernels::matmul_gemm`]); the
+/// CPU training backend takes the same gemm calls forward and backward
+/// ([`crate::lean_linear`]).
 pub fn project<B: Backend>(linear: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
     let [b, s, d] = x.dims();
     let x = x.reshape([b * s, d]);
-    let y = match crate::cpu_kernels::matmul_few_rows(&x, &linear.weight.val()) {
+    let weight = linear.weight.val();
+    let kernel = crate::cpu_kernels::matmul_few_rows(&x, &weight)
+        .or_else(|| crate::cpu_kernels::matmul_gemm(&x, &weight))
+        .or_else(|| crate::lean_linear::matmul(&x, &weight));
+    let y = match kernel {
         Some(y) => match &linear.bias {
             Some(bias) => y + bias.val().unsqueeze::<2>(),
             None => y,

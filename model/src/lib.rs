@@ -40,6 +40,7 @@ pub mod gguf;
 mod cpu_kernels;
 mod layers;
 mod lean_attention;
+mod lean_linear;
 mod lean_mlp;
 mod lean_rope;
 pub mod lora;

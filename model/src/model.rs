@@ -531,7 +531,10 @@ impl<B: Backend> CausalLm<B> {
                     return logits.reshape([b, s, self.config.vocab_size]);
                 }
                 let flat = flat.transpose();
-                let logits = embed.matmul(flat).transpose();
+                let logits = crate::cpu_kernels::matmul_gemm(&embed, &flat)
+                    .or_else(|| crate::lean_linear::matmul(&embed, &flat))
+                    .unwrap_or_else(|| embed.matmul(flat))
+                    .transpose();
                 logits.reshape([b, s, self.config.vocab_size])
             }
         }

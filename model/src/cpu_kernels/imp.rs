@@ -16,9 +16,11 @@ use softmax::{softmax_in_place, softmax_rows};
 pub(crate) use training_attention::QUERY_BLOCK as TRAINING_QUERY_BLOCK;
 pub(crate) use training_attention::{attention_backward, attention_forward};
 pub(crate) use cache::{keep_sequences, write_positions, writes_in_place};
+pub(crate) use gemm_product::matmul_gemm;
 pub(crate) use swiglu::{swiglu, swiglu_backward};
 
 mod cache;
+mod gemm_product;
 mod softmax;
 mod swiglu;
 mod training_attention;
@@ -28,6 +30,13 @@ mod training_attention;
 pub(crate) fn available() -> bool {
     static AVX2_FMA: OnceLock<bool> = OnceLock::new();
     *AVX2_FMA.get_or_init(|| std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"))
+}
+
+/// Whether this CPU has AVX-512F too (checked once). Only kernels whose every element comes
+/// out with the bits of the AVX2 path take it (the exponential; no sum changes order).
+pub(crate) fn wide() -> bool {
+    static AVX512F: OnceLock<bool> = OnceLock::new();
+    *AVX512F.get_or_init(|| available() && std::arch::is_x86_feature_detected!("avx512f"))
 }
 
 /// The Flex tensor behind `t` when `B` is the plain CPU backend and `t` is f32.

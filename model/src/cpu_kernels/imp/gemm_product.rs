@@ -1,0 +1,117 @@
+//! `x · w` of more rows than a decode step (a prefill's projections, the tied head over many
+//! positions) by gemm, written straight into the result.
+//!
+//! burn-flex's matmul makes the same gemm call, but into `FlexTensor::empty`: a `Vec<u8>`
+//! zero-filled, then copied once more to align it (cubecl's `Bytes::from_bytes_vec`), before
+//! gemm overwrites every element. In a 2,048-token prefill those two passes were 6 % of the
+//! `perf` samples. Here the output is allocated and left unfilled (gemm with `read_dst =
+//! false` writes each element before it reads any), and handed to burn without a copy. The
+//! call's arguments are burn's — strides as the layouts give them, `alpha = 0`, `beta = 1`,
+//! rayon on all threads from 192³ multiply-adds on — so the bits are burn's.
+
+use burn::tensor::Tensor;
+use burn::tensor::backend::Backend;
+use burn_flex::FlexTensor;
+use gemm::Parallelism;
+
+use super::{flex, tensor_of};
+
+/// burn-flex's threshold for running one product on every thread (its `PARALLEL_THRESHOLD`).
+const PARALLEL_FROM: usize = 192 * 192 * 192;
+
+/// An operand as gemm reads it: its first element and its strides.
+struct Strided {
+    at: *const f32,
+    row_stride: isize,
+    col_stride: isize,
+}
+
+/// `t` `[rows, cols]` read in place, if every element it names lies inside its storage
+/// (non-negative strides only, as every layout the model makes has).
+fn strided(t: &FlexTensor, rows: usize, cols: usize) -> Option<Strided> {
+    let layout = t.layout();
+    let &[row_stride, col_stride] = layout.strides() else { return None };
+    let (rs, cs) = (usize::try_from(row_stride).ok()?, usize::try_from(col_stride).ok()?);
+    let last = layout.start_offset().checked_add((rows - 1).checked_mul(rs)?)?.checked_add((cols - 1).checked_mul(cs)?)?;
+    let storage = t.storage::<f32>();
+    if last >= storage.len() {
+        return None;
+    }
+    Some(Strided { at: storage[layout.start_offset()..].as_ptr(), row_stride, col_stride })
+}
+
+/// `x · w` for `x` `[m, k]` and `w` `[k, n]` (any non-negative strides) on the plain CPU
+/// backend; `None` elsewhere, and for empty products.
+pub(crate) fn matmul_gemm<B: Backend>(x: &Tensor<B, 2>, w: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
+    let [m, k] = x.dims();
+    let [k2, n] = w.dims();
+    if m == 0 || k == 0 || n == 0 || k != k2 {
+        return None;
+    }
+    let (xf, wf) = (flex(x)?, flex(w)?);
+    let (a, b) = (strided(&xf, m, k)?, strided(&wf, k, n)?);
+    let len = m.checked_mul(n)?;
+    let mut y: Vec<f32> = Vec::with_capacity(len);
+    let parallelism = if m.saturating_mul(n).saturating_mul(k) >= PARALLEL_FROM { Parallelism::Rayon(0) } else { Parallelism::None };
+    // SAFETY: a and b name only elements inside their tensors' storage (checked by
+    // `strided`), which `xf` and `wf` keep alive; y has room for m rows of n, which gemm
+    // writes whole (k > 0 and read_dst = false: every element is stored before any is read),
+    // so all `len` elements are initialised when the length is set.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            y.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.at,
+            a.col_stride,
+            a.row_stride,
+            b.at,
+            b.col_stride,
+            b.row_stride,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+        y.set_len(len);
+    }
+    tensor_of(y, [m, n])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Distribution;
+
+    type B = crate::CpuBackend;
+
+    /// Bit for bit burn's matmul: contiguous and transposed operands, a sliced (offset) one,
+    /// shapes on both sides of the threading threshold.
+    #[test]
+    fn gemm_products_equal_burns_matmul_bit_for_bit() {
+        if !super::super::available() {
+            return;
+        }
+        let device = Default::default();
+        for (m, k, n) in [(33, 576, 192), (200, 64, 70), (2048, 576, 1536), (5, 7, 3)] {
+            let x = Tensor::<B, 2>::random([m, k], Distribution::Normal(0.0, 1.0), &device);
+            let w = Tensor::<B, 2>::random([k, n], Distribution::Normal(0.0, 1.0), &device);
+            let wt = Tensor::<B, 2>::random([n, k + 3], Distribution::Normal(0.0, 1.0), &device).slice([0..n, 2..k + 2]).transpose();
+            let xt = Tensor::<B, 2>::random([k, m], Distribution::Normal(0.0, 1.0), &device).transpose();
+            for (lhs, rhs, what) in [(&x, &w, "x·w"), (&x, &wt, "x·(sliced w)ᵀ"), (&xt, &w, "(xᵀ)ᵀ·w")] {
+                let got = matmul_gemm(lhs, rhs).expect("the plain CPU backend takes the gemm path");
+                let expected = lhs.clone().matmul(rhs.clone());
+                let (got, expected) = (got.into_data().to_vec::<f32>().unwrap(), expected.into_data().to_vec::<f32>().unwrap());
+                assert!(got.iter().zip(&expected).all(|(a, b)| a.to_bits() == b.to_bits()), "{what} {m}×{k}×{n}");
+            }
+        }
+        let x = Tensor::<B, 2>::zeros([4, 0], &device);
+        assert!(matmul_gemm(&x, &Tensor::<B, 2>::zeros([0, 8], &device)).is_none());
+    }
+}

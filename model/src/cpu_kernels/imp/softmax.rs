@@ -345,7 +345,7 @@ mod tests {
         if !super::super::wide() {
             return;
         }
-        // The sixteen-lane path, on the same inputs in every lane position.
+        // The sixteen-lane path, each input once in each half of the vector.
         for shift in [0, 8] {
             let mut lanes = inputs[shift..].to_vec();
             while !lanes.len().is_multiple_of(16) {

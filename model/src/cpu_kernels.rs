@@ -14,8 +14,9 @@
 //! one thread; on 2 cores it read decode-shaped weights at 4–6 GB/s, and its batched small
 //! matmuls over cache blocks were the larger half of a step at 600 tokens. These kernels
 //! stream each weight and each cache block once, on every core, with AVX2 and FMA (one path
-//! on every x86-64 CPU that has them, AVX-512 ones included, so all sum alike; only the
-//! exponential takes sixteen lanes where AVX-512F is present, with each lane's bits unchanged). In a prefill,
+//! on every x86-64 CPU that has them, AVX-512 ones included, so all sum alike; the
+//! exponential and the row-major projections take sixteen lanes where AVX-512F is present,
+//! with each lane's bits unchanged). In a prefill,
 //! the attention kernel also spares the copies of burn's path (KV heads repeated to the
 //! query heads, the mask expanded to every head).
 //!
@@ -114,3 +115,28 @@ mod imp {
 
 #[cfg(not(all(feature = "flex", target_arch = "x86_64")))]
 pub(crate) use imp::{attention, attention_backward, attention_forward, contiguous, keep_sequences, matmul_few_rows, matmul_gemm, rope, rope_backward, swiglu, swiglu_backward, write_positions, writes_in_place};
+
+/// Runs `f` — a forward pass, many parallel kernels in a row — on one of rayon's worker
+/// threads, when `B` is the CPU backend (plain or autodiff) and the caller is not a worker
+/// already. Called from outside the pool, every parallel kernel hands its work to the
+/// workers and puts the caller to sleep until they finish: two context switches per kernel,
+/// ~360 kernels per decode step of a 30-layer model, and on 2 cores the caller's wake-up
+/// competes with the workers for them (a fifth of a batch-1 step's samples were the
+/// scheduler's). On a worker, the kernels split their work with the other workers directly.
+/// Only a pass goes here, never a wait on another thread (a data-parallel peer's gradient
+/// sum would hold a worker that the peers' kernels need).
+#[cfg(feature = "flex")]
+pub(crate) fn on_workers<B: burn::tensor::backend::Backend, R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    use std::any::TypeId;
+    let cpu = TypeId::of::<B>() == TypeId::of::<crate::CpuBackend>() || TypeId::of::<B>() == TypeId::of::<crate::CpuTrainBackend>();
+    if !cpu || rayon::current_thread_index().is_some() {
+        return f();
+    }
+    rayon::scope(|_| f())
+}
+
+/// Without the Flex backend there are no kernels of ours to gather onto the workers.
+#[cfg(not(feature = "flex"))]
+pub(crate) fn on_workers<B: burn::tensor::backend::Backend, R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    f()
+}

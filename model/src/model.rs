@@ -573,12 +573,14 @@ impl<B: Backend> CausalLm<B> {
         mut caches: Option<&mut Vec<LayerCache<B>>>,
     ) -> Result<Tensor<B, 3>> {
         let inputs = self.pass_inputs(batch, past_valid, next_pos)?;
-        let mut x = self.embed_tokens.forward(inputs.ids);
-        for (i, layer) in self.layers.iter().enumerate() {
-            let slot = caches.as_deref_mut().and_then(|c| c.get_mut(i));
-            x = layer.forward(x, &inputs.rope, inputs.mask.as_ref(), slot);
-        }
-        Ok(self.norm.forward(x))
+        Ok(crate::cpu_kernels::on_workers::<B, _>(|| {
+            let mut x = self.embed_tokens.forward(inputs.ids);
+            for (i, layer) in self.layers.iter().enumerate() {
+                let slot = caches.as_deref_mut().and_then(|c| c.get_mut(i));
+                x = layer.forward(x, &inputs.rope, inputs.mask.as_ref(), slot);
+            }
+            self.norm.forward(x)
+        }))
     }
 
     /// Saves `config.json` and `model.safetensors` in Hugging Face layout, atomically, so

@@ -21,6 +21,7 @@ pub(crate) use swiglu::{swiglu, swiglu_backward};
 
 mod cache;
 mod gemm_product;
+mod projection16;
 mod softmax;
 mod swiglu;
 mod training_attention;
@@ -33,7 +34,8 @@ pub(crate) fn available() -> bool {
 }
 
 /// Whether this CPU has AVX-512F too (checked once). Only kernels whose every element comes
-/// out with the bits of the AVX2 path take it (the exponential; no sum changes order).
+/// out with the bits of the AVX2 path take it (the exponential, the row-major projection of
+/// a decode step; no sum changes order).
 pub(crate) fn wide() -> bool {
     static AVX512F: OnceLock<bool> = OnceLock::new();
     *AVX512F.get_or_init(|| available() && std::arch::is_x86_feature_detected!("avx512f"))
@@ -135,7 +137,18 @@ const WIDE_ROWS: usize = 3;
 const NARROW_COLS: usize = 16;
 const NARROW_ROWS: usize = 6;
 
+/// `y = x · w`, all row-major: sixteen lanes where AVX-512F is present, eight elsewhere —
+/// the same FMA chains either way.
 fn xw(x: &[f32], w: &[f32], m: usize, k: usize, n: usize, y: &mut [f32]) {
+    if wide() {
+        projection16::xw16(x, w, m, k, n, y)
+    } else {
+        xw8(x, w, m, k, n, y)
+    }
+}
+
+/// [`xw`] on AVX2's eight lanes.
+fn xw8(x: &[f32], w: &[f32], m: usize, k: usize, n: usize, y: &mut [f32]) {
     let (cols_per_tile, block) = if m < NARROW_ROWS { (WIDE_COLS, WIDE_ROWS) } else { (NARROW_COLS, NARROW_ROWS) };
     // Row blocks as even as they can be (16 rows: 6, 5, 5), so no block is left with one
     // row and two chains.
@@ -948,18 +961,24 @@ mod tests {
     /// Each output of `x·w` is one FMA chain over k in order, and each of `x·wtᵀ` eight lane
     /// chains summed as `hsum` sums them: exact equality, so a change of tile shape that would
     /// change a result (and every greedy figure after it) fails here. Row counts cover every
-    /// block size, widths the partial panels.
+    /// block size of both tile families (8 and 16 lanes), widths the partial panels.
     #[test]
     fn few_row_products_are_the_documented_fma_chains() {
         if !available() {
             return;
         }
         let value = |i: usize| ((i * 7919 % 1013) as f32 - 506.0) / 97.0;
-        for (m, k, n) in [(16, 576, 40), (7, 33, 17), (13, 9, 48), (MAX_ROWS, 20, 5)] {
+        for (m, k, n) in [(16, 576, 40), (7, 33, 17), (13, 9, 48), (MAX_ROWS, 20, 5), (1, 70, 130), (2, 40, 67), (8, 96, 200)] {
             let x: Vec<f32> = (0..m * k).map(value).collect();
             let w: Vec<f32> = (0..k * n).map(|i| value(i + 5)).collect();
             let mut y = vec![0f32; m * n];
-            xw(&x, &w, m, k, n, &mut y);
+            xw8(&x, &w, m, k, n, &mut y);
+            // The sixteen-lane tiles, where this CPU has them, must give the same chains.
+            let mut y16 = vec![f32::NAN; m * n];
+            if wide() {
+                projection16::xw16(&x, &w, m, k, n, &mut y16);
+                assert!(y16.iter().zip(&y).all(|(a, b)| a.to_bits() == b.to_bits()), "16 lanes differ from 8 ({m}×{k}×{n})");
+            }
             let mut yt = vec![0f32; m * n];
             // Read as wt [n, k]: the same values, transposed roles.
             xwt(&x, &w[..n * k], m, k, n, &mut yt);

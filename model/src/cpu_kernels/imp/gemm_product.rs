@@ -13,6 +13,7 @@ use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 use burn_flex::FlexTensor;
 use gemm::Parallelism;
+use rayon::prelude::*;
 
 use super::{flex, tensor_of};
 
@@ -53,6 +54,15 @@ pub(crate) fn matmul_gemm<B: Backend>(x: &Tensor<B, 2>, w: &Tensor<B, 2>) -> Opt
     let len = m.checked_mul(n)?;
     let mut y: Vec<f32> = Vec::with_capacity(len);
     let parallelism = if m.saturating_mul(n).saturating_mul(k) >= PARALLEL_FROM { Parallelism::Rayon(0) } else { Parallelism::None };
+    // gemm turns a row-major destination into the transposed problem `yᵀ = wᵀ · xᵀ`, and
+    // when w is stored by columns (a transposed view: backward's `dy · Wᵀ`, the tied head's
+    // `Eᵀ · dy`) it first copies wᵀ into panels one element at a time, on one thread: k·n
+    // moves where the product has only m rows. Asked for a column-major destination, gemm
+    // keeps `x · w`, reads w in place and copies x instead (nothing when x is stored by
+    // columns too); y is then transposed into place. Same microkernel, same depth blocks
+    // (gemm sizes them from k alone), so the same bits.
+    let by_columns = b.row_stride == 1 && b.col_stride != 1 && (a.row_stride == 1 || m < n);
+    let (dst_col_stride, dst_row_stride) = if by_columns { (m as isize, 1) } else { (1, n as isize) };
     // SAFETY: a and b name only elements inside their tensors' storage (checked by
     // `strided`), which `xf` and `wf` keep alive; y has room for m rows of n, which gemm
     // writes whole (k > 0 and read_dst = false: every element is stored before any is read),
@@ -63,8 +73,8 @@ pub(crate) fn matmul_gemm<B: Backend>(x: &Tensor<B, 2>, w: &Tensor<B, 2>) -> Opt
             n,
             k,
             y.as_mut_ptr(),
-            1,
-            n as isize,
+            dst_col_stride,
+            dst_row_stride,
             false,
             a.at,
             a.col_stride,
@@ -81,7 +91,35 @@ pub(crate) fn matmul_gemm<B: Backend>(x: &Tensor<B, 2>, w: &Tensor<B, 2>) -> Opt
         );
         y.set_len(len);
     }
+    if by_columns {
+        y = row_major_of(&y, m, n);
+    }
     tensor_of(y, [m, n])
+}
+
+/// The row-major copy of `t`, an `[m, n]` matrix stored by columns: tiles of 16 columns,
+/// so each pass reads 16 columns of `t` in step and writes whole cache lines of the copy;
+/// spread over rayon's threads when it is large.
+fn row_major_of(t: &[f32], m: usize, n: usize) -> Vec<f32> {
+    const TILE: usize = 16;
+    let mut y = vec![0f32; m * n];
+    let rows_per_task = m.div_ceil(4 * rayon::current_num_threads()).max(1);
+    let fill = |(task, chunk): (usize, &mut [f32])| {
+        let r0 = task * rows_per_task;
+        for j0 in (0..n).step_by(TILE) {
+            for (i, row) in chunk.chunks_exact_mut(n).enumerate() {
+                for j in j0..(j0 + TILE).min(n) {
+                    row[j] = t[j * m + r0 + i];
+                }
+            }
+        }
+    };
+    if m * n >= 1 << 20 {
+        y.par_chunks_mut(rows_per_task * n).enumerate().for_each(fill);
+    } else {
+        y.chunks_mut(rows_per_task * n).enumerate().for_each(fill);
+    }
+    y
 }
 
 #[cfg(test)]
@@ -99,7 +137,9 @@ mod tests {
             return;
         }
         let device = Default::default();
-        for (m, k, n) in [(33, 576, 192), (200, 64, 70), (2048, 576, 1536), (5, 7, 3)] {
+        // Also a training step's shapes at 128 rows, where `x · wᵀ` takes the column-major
+        // destination (backward's `dy · Wᵀ` of every projection).
+        for (m, k, n) in [(33, 576, 192), (200, 64, 70), (2048, 576, 1536), (5, 7, 3), (128, 1536, 576), (128, 576, 1536), (576, 128, 1536)] {
             let x = Tensor::<B, 2>::random([m, k], Distribution::Normal(0.0, 1.0), &device);
             let w = Tensor::<B, 2>::random([k, n], Distribution::Normal(0.0, 1.0), &device);
             let wt = Tensor::<B, 2>::random([n, k + 3], Distribution::Normal(0.0, 1.0), &device).slice([0..n, 2..k + 2]).transpose();

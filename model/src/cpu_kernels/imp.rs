@@ -147,13 +147,16 @@ fn xw(x: &[f32], w: &[f32], m: usize, k: usize, n: usize, y: &mut [f32]) {
     }
 }
 
-/// [`xw`] on AVX2's eight lanes.
-fn xw8(x: &[f32], w: &[f32], m: usize, k: usize, n: usize, y: &mut [f32]) {
-    let (cols_per_tile, block) = if m < NARROW_ROWS { (WIDE_COLS, WIDE_ROWS) } else { (NARROW_COLS, NARROW_ROWS) };
-    // Row blocks as even as they can be (16 rows: 6, 5, 5), so no block is left with one
-    // row and two chains.
+/// The panels of `y = x · w` (x `[m, k]`, w `[k, n]`, y `[m, n]`, all row-major): column tiles
+/// of `cols_per_tile` columns split over rayon's threads, each tile's rows in blocks of at most
+/// `block`, as even as they can be (16 rows in blocks of 6: 6, 5, 5), so no block is left with
+/// one row and few chains. `panel(rows, x, w, y, cols)` gets a block's first row of x, the
+/// tile's first column of w and the block's corner of y; it may read rows × k of x, k × cols
+/// of w (row stride n) and write rows × cols of y (row stride n), which no other panel writes.
+fn for_each_panel(x: &[f32], w: &[f32], y: &mut [f32], [m, k, n]: [usize; 3], (cols_per_tile, block): (usize, usize), panel: impl Fn(usize, *const f32, *const f32, *mut f32, usize) + Sync) {
+    debug_assert!(x.len() >= m * k && w.len() >= k * n && y.len() >= m * n, "x · w: operands shorter than their shapes");
     let blocks = m.div_ceil(block);
-    let (base, extra) = (m / blocks, m % blocks);
+    let (base, extra) = (m / blocks.max(1), m % blocks.max(1));
     let tiles = n.div_ceil(cols_per_tile);
     let out = Out(y.as_mut_ptr());
     let per_task = tiles.div_ceil(4 * rayon::current_num_threads()).max(1);
@@ -163,36 +166,44 @@ fn xw8(x: &[f32], w: &[f32], m: usize, k: usize, n: usize, y: &mut [f32]) {
         let mut r0 = 0;
         for bi in 0..blocks {
             let rows = base + usize::from(bi < extra);
-            // SAFETY: AVX2 and FMA were detected (`flex` checks them); x is [m, k], w is
-            // [k, n] and y is [m, n]; this task alone writes rows r0..r0 + rows, columns
-            // j..j + cols of y; `rows` ≤ the block size of the tile it picks.
-            unsafe {
-                let (xp, wp, yp) = (x.as_ptr().add(r0 * k), w.as_ptr().add(j), out.at(r0 * n + j));
-                let full = cols == cols_per_tile;
-                // A full panel (all but the last) has no masks in the loop: with them, the
-                // accumulators did not fit the 16 registers and spilled to the stack.
-                match (cols_per_tile == WIDE_COLS, full, rows) {
-                    (true, true, 1) => xw_tile_wide::<1, true>(xp, k, wp, n, cols, yp),
-                    (true, true, 2) => xw_tile_wide::<2, true>(xp, k, wp, n, cols, yp),
-                    (true, true, _) => xw_tile_wide::<3, true>(xp, k, wp, n, cols, yp),
-                    (true, false, 1) => xw_tile_wide::<1, false>(xp, k, wp, n, cols, yp),
-                    (true, false, 2) => xw_tile_wide::<2, false>(xp, k, wp, n, cols, yp),
-                    (true, false, _) => xw_tile_wide::<3, false>(xp, k, wp, n, cols, yp),
-                    (false, true, 1) => xw_tile_narrow::<1, true>(xp, k, wp, n, cols, yp),
-                    (false, true, 2) => xw_tile_narrow::<2, true>(xp, k, wp, n, cols, yp),
-                    (false, true, 3) => xw_tile_narrow::<3, true>(xp, k, wp, n, cols, yp),
-                    (false, true, 4) => xw_tile_narrow::<4, true>(xp, k, wp, n, cols, yp),
-                    (false, true, 5) => xw_tile_narrow::<5, true>(xp, k, wp, n, cols, yp),
-                    (false, true, _) => xw_tile_narrow::<6, true>(xp, k, wp, n, cols, yp),
-                    (false, false, 1) => xw_tile_narrow::<1, false>(xp, k, wp, n, cols, yp),
-                    (false, false, 2) => xw_tile_narrow::<2, false>(xp, k, wp, n, cols, yp),
-                    (false, false, 3) => xw_tile_narrow::<3, false>(xp, k, wp, n, cols, yp),
-                    (false, false, 4) => xw_tile_narrow::<4, false>(xp, k, wp, n, cols, yp),
-                    (false, false, 5) => xw_tile_narrow::<5, false>(xp, k, wp, n, cols, yp),
-                    (false, false, _) => xw_tile_narrow::<6, false>(xp, k, wp, n, cols, yp),
-                }
-            }
+            // In bounds: r0 + rows ≤ m and j + cols ≤ n, within the lengths the callers give.
+            panel(rows, x.as_ptr().wrapping_add(r0 * k), w.as_ptr().wrapping_add(j), out.at(r0 * n + j), cols);
             r0 += rows;
+        }
+    });
+}
+
+/// [`xw`] on AVX2's eight lanes.
+fn xw8(x: &[f32], w: &[f32], m: usize, k: usize, n: usize, y: &mut [f32]) {
+    let (cols_per_tile, block) = if m < NARROW_ROWS { (WIDE_COLS, WIDE_ROWS) } else { (NARROW_COLS, NARROW_ROWS) };
+    for_each_panel(x, w, y, [m, k, n], (cols_per_tile, block), |rows, xp, wp, yp, cols| {
+        let full = cols == cols_per_tile;
+        // SAFETY: AVX2 and FMA were detected (`flex` checks them); `for_each_panel` hands
+        // this panel rows ≤ `block` rows of x, cols ≤ `cols_per_tile` columns of w and the
+        // matching block of y, which no other panel writes.
+        unsafe {
+            // A full panel (all but the last) has no masks in the loop: with them, the
+            // accumulators did not fit the 16 registers and spilled to the stack.
+            match (cols_per_tile == WIDE_COLS, full, rows) {
+                (true, true, 1) => xw_tile_wide::<1, true>(xp, k, wp, n, cols, yp),
+                (true, true, 2) => xw_tile_wide::<2, true>(xp, k, wp, n, cols, yp),
+                (true, true, _) => xw_tile_wide::<3, true>(xp, k, wp, n, cols, yp),
+                (true, false, 1) => xw_tile_wide::<1, false>(xp, k, wp, n, cols, yp),
+                (true, false, 2) => xw_tile_wide::<2, false>(xp, k, wp, n, cols, yp),
+                (true, false, _) => xw_tile_wide::<3, false>(xp, k, wp, n, cols, yp),
+                (false, true, 1) => xw_tile_narrow::<1, true>(xp, k, wp, n, cols, yp),
+                (false, true, 2) => xw_tile_narrow::<2, true>(xp, k, wp, n, cols, yp),
+                (false, true, 3) => xw_tile_narrow::<3, true>(xp, k, wp, n, cols, yp),
+                (false, true, 4) => xw_tile_narrow::<4, true>(xp, k, wp, n, cols, yp),
+                (false, true, 5) => xw_tile_narrow::<5, true>(xp, k, wp, n, cols, yp),
+                (false, true, _) => xw_tile_narrow::<6, true>(xp, k, wp, n, cols, yp),
+                (false, false, 1) => xw_tile_narrow::<1, false>(xp, k, wp, n, cols, yp),
+                (false, false, 2) => xw_tile_narrow::<2, false>(xp, k, wp, n, cols, yp),
+                (false, false, 3) => xw_tile_narrow::<3, false>(xp, k, wp, n, cols, yp),
+                (false, false, 4) => xw_tile_narrow::<4, false>(xp, k, wp, n, cols, yp),
+                (false, false, 5) => xw_tile_narrow::<5, false>(xp, k, wp, n, cols, yp),
+                (false, false, _) => xw_tile_narrow::<6, false>(xp, k, wp, n, cols, yp),
+            }
         }
     });
 }

@@ -11,10 +11,6 @@
 
 use std::arch::x86_64::*;
 
-use rayon::prelude::*;
-
-use super::Out;
-
 /// 16-lane vectors per weight row of a tile: 64 columns, four cache lines side by side.
 const VECTORS: usize = 4;
 const COLS: usize = 16 * VECTORS;
@@ -29,34 +25,19 @@ const PREFETCH_ROWS: usize = 32;
 /// `y = x · w` for `x` `[m, k]`, `w` `[k, n]` and `y` `[m, n]`, all row-major; `y` is written
 /// whole. Callers check [`super::wide`] first.
 pub(super) fn xw16(x: &[f32], w: &[f32], m: usize, k: usize, n: usize, y: &mut [f32]) {
-    debug_assert!(x.len() >= m * k && w.len() >= k * n && y.len() >= m * n);
-    // Row blocks as even as they can be (8 rows: 4 and 4), so no block is left with one row.
-    let blocks = m.div_ceil(ROWS);
-    let (base, extra) = (m / blocks, m % blocks);
-    let tiles = n.div_ceil(COLS);
-    let out = Out(y.as_mut_ptr());
-    let per_task = tiles.div_ceil(4 * rayon::current_num_threads()).max(1);
-    (0..tiles).into_par_iter().with_min_len(per_task).for_each(|tile| {
-        let j = tile * COLS;
-        let cols = COLS.min(n - j);
-        let mut r0 = 0;
-        for bi in 0..blocks {
-            let rows = base + usize::from(bi < extra);
-            // SAFETY: the caller checked AVX-512F; x is [m, k], w is [k, n] and y is [m, n];
-            // this task alone writes rows r0..r0 + rows, columns j..j + cols of y, and
-            // `rows` ≤ ROWS.
-            unsafe {
-                let (xp, wp, yp) = (x.as_ptr().add(r0 * k), w.as_ptr().add(j), out.at(r0 * n + j));
-                match rows {
-                    1 => tile16::<1>(xp, k, wp, n, cols, yp),
-                    2 => tile16::<2>(xp, k, wp, n, cols, yp),
-                    3 => tile16::<3>(xp, k, wp, n, cols, yp),
-                    4 => tile16::<4>(xp, k, wp, n, cols, yp),
-                    5 => tile16::<5>(xp, k, wp, n, cols, yp),
-                    _ => tile16::<6>(xp, k, wp, n, cols, yp),
-                }
+    super::for_each_panel(x, w, y, [m, k, n], (COLS, ROWS), |rows, xp, wp, yp, cols| {
+        // SAFETY: the caller checked AVX-512F; `for_each_panel` hands this panel rows ≤ ROWS
+        // rows of x, cols ≤ COLS columns of w and the matching block of y, which no other
+        // panel writes.
+        unsafe {
+            match rows {
+                1 => tile16::<1>(xp, k, wp, n, cols, yp),
+                2 => tile16::<2>(xp, k, wp, n, cols, yp),
+                3 => tile16::<3>(xp, k, wp, n, cols, yp),
+                4 => tile16::<4>(xp, k, wp, n, cols, yp),
+                5 => tile16::<5>(xp, k, wp, n, cols, yp),
+                _ => tile16::<6>(xp, k, wp, n, cols, yp),
             }
-            r0 += rows;
         }
     });
 }

@@ -105,12 +105,6 @@ impl<B: AutodiffBackend> CheckpointedScores<'_, B> {
     /// The gradients of `loss` (a function of [`Self::logps`]) for every trainable parameter,
     /// as `GradientsParams::from_grads(loss.backward(), model)` gives for a plain pass.
     pub fn backward(self, loss: Tensor<B, 1>) -> GradientsParams {
-        // Recomputed forwards and backward passes, one layer after another: on rayon's
-        // workers as a whole, as `train::backward` runs a plain pass's.
-        crate::cpu_kernels::on_workers::<B, _>(move || self.backward_layer_by_layer(loss))
-    }
-
-    fn backward_layer_by_layer(self, loss: Tensor<B, 1>) -> GradientsParams {
         let model = self.model;
         let mut sum = GradientsAccumulator::<CausalLm<B>>::new();
         let grads = loss.backward();

@@ -123,8 +123,12 @@ pub(crate) use imp::{attention, attention_backward, attention_forward, contiguou
 /// ~360 kernels per decode step of a 30-layer model, and on 2 cores the caller's wake-up
 /// competes with the workers for them (a fifth of a batch-1 step's samples were the
 /// scheduler's). On a worker, the kernels split their work with the other workers directly.
-/// Only a pass goes here, never a wait on another thread (a data-parallel peer's gradient
-/// sum would hold a worker that the peers' kernels need).
+/// Only forward passes go here, never a wait on another thread (a data-parallel peer's
+/// gradient sum would hold a worker that the peers' kernels need) and never a backward pass:
+/// burn's autodiff holds its graph's lock while the backward kernels run, and a worker
+/// waiting inside one of them may take up another thread's queued pass, whose end (burn's
+/// clean-up of orphaned graphs locks every graph) would then wait on the lock its own thread
+/// holds further down the stack. A forward holds no lock while its kernels run.
 #[cfg(feature = "flex")]
 pub(crate) fn on_workers<B: burn::tensor::backend::Backend, R: Send>(f: impl FnOnce() -> R + Send) -> R {
     use std::any::TypeId;

@@ -4,8 +4,7 @@
 //! optimiser and trainer state for an exact resume).
 //!
 //! The loop a trainer runs:
-//! 1. for each micro-batch, [`backward`] (`loss.backward()` on rayon's workers) and
-//!    `GradientsParams::from_grads`, summed
+//! 1. for each micro-batch, `loss.backward()` and `GradientsParams::from_grads`, summed
 //!    with burn's `GradientsAccumulator`;
 //! 2. [`AdamW::step`] with `schedule.lr(step)` — it measures the global norm, refuses
 //!    non-finite gradients, clips and updates;
@@ -35,14 +34,3 @@ pub use collective::{agreed_grad_norm, all_reduce_scalar, all_reduce_step, check
 pub use config::TrainSettings;
 pub use schedule::{Decay, LrSchedule};
 pub use session::{attach_lora, restore_model, save_if_due, seed_step, start_or_resume, Control, Resumed, RunFiles};
-
-use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::Tensor;
-
-/// `loss.backward()`, with its kernels run from one of rayon's worker threads on the CPU
-/// training backend (a pass of many parallel kernels, as the forward's; see
-/// `cpu_kernels::on_workers`). The same gradients, bit for bit: only the thread that hands out
-/// the work changes. Trainers call this rather than `backward` directly.
-pub fn backward<B: AutodiffBackend>(loss: Tensor<B, 1>) -> B::Gradients {
-    crate::cpu_kernels::on_workers::<B, _>(|| loss.backward())
-}

@@ -138,8 +138,9 @@ mod tests {
         }
         let device = Default::default();
         // Also a training step's shapes at 128 rows, where `x · wᵀ` takes the column-major
-        // destination (backward's `dy · Wᵀ` of every projection).
-        for (m, k, n) in [(33, 576, 192), (200, 64, 70), (2048, 576, 1536), (5, 7, 3), (128, 1536, 576), (128, 576, 1536), (576, 128, 1536)] {
+        // destination (backward's `dy · Wᵀ` of every projection), and one whose result is
+        // large enough (≥ 2²⁰ elements) to be transposed into place on every thread.
+        for (m, k, n) in [(33, 576, 192), (200, 64, 70), (2048, 576, 1536), (5, 7, 3), (128, 1536, 576), (128, 576, 1536), (576, 128, 1536), (700, 64, 1600)] {
             let x = Tensor::<B, 2>::random([m, k], Distribution::Normal(0.0, 1.0), &device);
             let w = Tensor::<B, 2>::random([k, n], Distribution::Normal(0.0, 1.0), &device);
             let wt = Tensor::<B, 2>::random([n, k + 3], Distribution::Normal(0.0, 1.0), &device).slice([0..n, 2..k + 2]).transpose();

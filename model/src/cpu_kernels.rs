@@ -24,7 +24,9 @@
 //! on f32 tensors, with AVX2 and FMA, takes these paths. Every function returns `None` when it
 //! does not apply and the caller runs burn's ops, so other backends, dtypes and CPUs are
 //! unchanged. Training reaches the SwiGLU kernels through [`crate::lean_mlp`]'s custom op,
-//! which hands them the plain backend's tensors.
+//! which hands them the plain backend's tensors, and the target log-probs of the vocabulary
+//! head (`log_softmax(logits / T)[target]` and its gradient, `imp/logprobs.rs`) through
+//! [`crate::lean_logprobs`]'s.
 
 /// Largest row count (batch × new positions) a projection sends to the streaming kernel;
 /// more rows (a prefill) reuse each weight enough for gemm's packed products to pay off
@@ -35,7 +37,7 @@ pub(crate) const MAX_ROWS: usize = 32;
 mod imp;
 
 #[cfg(all(feature = "flex", target_arch = "x86_64"))]
-pub(crate) use imp::{attention, attention_backward, attention_forward, contiguous, keep_sequences, matmul_few_rows, matmul_gemm, rope, rope_backward, swiglu, swiglu_backward, write_positions, writes_in_place};
+pub(crate) use imp::{attention, attention_backward, attention_forward, contiguous, keep_sequences, matmul_few_rows, matmul_gemm, rope, rope_backward, swiglu, swiglu_backward, target_logprobs, target_logprobs_backward, write_positions, writes_in_place};
 
 #[cfg(test)]
 pub(crate) use imp::available;
@@ -63,6 +65,19 @@ mod imp {
 
     pub(crate) fn contiguous<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, D> {
         t
+    }
+
+    pub(crate) struct RowStats {
+        pub(crate) lse: Vec<f32>,
+        pub(crate) entropy: Option<Vec<f32>>,
+    }
+
+    pub(crate) fn target_logprobs<B: Backend>(_: &Tensor<B, 2>, _: &[u32], _: f32, _: bool) -> Option<(Tensor<B, 1>, RowStats)> {
+        None
+    }
+
+    pub(crate) fn target_logprobs_backward<B: Backend>(_: &Tensor<B, 2>, _: &[u32], _: f32, _: &[f32], _: &Tensor<B, 1>) -> Option<Tensor<B, 2>> {
+        None
     }
 
     pub(crate) fn writes_in_place<B: Backend>() -> bool {
@@ -114,7 +129,7 @@ mod imp {
 }
 
 #[cfg(not(all(feature = "flex", target_arch = "x86_64")))]
-pub(crate) use imp::{attention, attention_backward, attention_forward, contiguous, keep_sequences, matmul_few_rows, matmul_gemm, rope, rope_backward, swiglu, swiglu_backward, write_positions, writes_in_place};
+pub(crate) use imp::{attention, attention_backward, attention_forward, contiguous, keep_sequences, matmul_few_rows, matmul_gemm, rope, rope_backward, swiglu, swiglu_backward, target_logprobs, target_logprobs_backward, write_positions, writes_in_place};
 
 /// Runs `f` — a forward pass, many parallel kernels in a row — on one of rayon's worker
 /// threads, when `B` is the CPU backend (plain or autodiff) and the caller is not a worker

@@ -41,6 +41,7 @@ mod cpu_kernels;
 mod layers;
 mod lean_attention;
 mod lean_linear;
+mod lean_logprobs;
 mod lean_mlp;
 mod lean_rope;
 pub mod lora;

@@ -4,7 +4,6 @@ use std::path::Path;
 
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, Linear};
-use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
 
@@ -348,20 +347,17 @@ impl<B: Backend> CausalLm<B> {
             self.config.check_token(t, i / batch.seq, i % batch.seq)?;
         }
         let hidden = self.hidden_states(batch)?;
-        let device = hidden.device();
-        let targets = Tensor::<B, 2, Int>::from_data(
-            TensorData::new(targets.iter().map(|&t| t as i64).collect(), [batch.batch, batch.seq]),
-            &device,
-        );
         let (b, s) = (batch.batch, batch.seq);
         let chunk = chunk.max(1);
         let mut parts = Vec::with_capacity(s.div_ceil(chunk));
         for start in (0..s).step_by(chunk) {
             let end = (start + chunk).min(s);
             let h = hidden.clone().slice([0..b, start..end]);
-            let t = targets.clone().slice([0..b, start..end]).unsqueeze_dim::<3>(2);
-            let lp = log_softmax(self.logits(h), 2).gather(2, t);
-            parts.push(lp.squeeze_dim::<2>(2));
+            let rows = b * (end - start);
+            let logits = self.logits(h).reshape([rows, self.config.vocab_size]);
+            let t: Vec<u32> = (0..b).flat_map(|bi| targets[bi * s + start..bi * s + end].iter().copied()).collect();
+            let (lp, _) = crate::lean_logprobs::target_logprobs(logits, &t, 1.0, false);
+            parts.push(lp.reshape([b, end - start]));
         }
         Ok(Tensor::cat(parts, 1))
     }
@@ -498,18 +494,11 @@ impl<B: Backend> CausalLm<B> {
         for (pos, tgt) in positions.chunks(chunk).zip(targets.chunks(chunk)) {
             let k = pos.len();
             let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(pos.iter().map(|&p| p as i64).collect(), [k]), &device);
-            let t = Tensor::<B, 2, Int>::from_data(TensorData::new(tgt.iter().map(|&t| t as i64).collect(), [k, 1]), &device);
             let rows = flat.clone().select(0, idx).reshape([1, k, h]);
-            let mut logits = self.logits(rows).reshape([k, self.config.vocab_size]);
-            if temperature != 1.0 {
-                logits = logits.div_scalar(temperature);
-            }
-            let lsm = log_softmax(logits, 1);
-            if entropy {
-                let l = lsm.clone().detach();
-                entropies.push(l.clone().exp().mul(l).sum_dim(1).neg().reshape([k]));
-            }
-            parts.push(lsm.gather(1, t).reshape([k]));
+            let logits = self.logits(rows).reshape([k, self.config.vocab_size]);
+            let (lp, row_entropy) = crate::lean_logprobs::target_logprobs(logits, tgt, temperature, entropy);
+            entropies.extend(row_entropy);
+            parts.push(lp);
         }
         let entropy = entropy.then(|| Tensor::cat(entropies, 0));
         (Tensor::cat(parts, 0), entropy)

@@ -386,7 +386,7 @@ pub fn train_data_parallel<B: AutodiffBackend>(
                         let t1 = Instant::now();
                         let grads = match checkpointed {
                             Some(pass) => pass.backward(loss),
-                            None => GradientsParams::from_grads(loss.backward(), &model),
+                            None => GradientsParams::from_grads(thinkjson_model::train::backward(loss), &model),
                         };
                         accumulator.accumulate(&model, grads);
                         time.backward += t1.elapsed().as_secs_f64();

@@ -104,7 +104,13 @@ impl<B: AutodiffBackend> CausalLm<B> {
 impl<B: AutodiffBackend> CheckpointedScores<'_, B> {
     /// The gradients of `loss` (a function of [`Self::logps`]) for every trainable parameter,
     /// as `GradientsParams::from_grads(loss.backward(), model)` gives for a plain pass.
+    /// On the CPU training backend all of it — the recomputed layers too — runs on
+    /// [`crate::train::backward`]'s pool.
     pub fn backward(self, loss: Tensor<B, 1>) -> GradientsParams {
+        crate::cpu_kernels::on_backward_workers::<B, _>(move || self.backward_here(loss))
+    }
+
+    fn backward_here(self, loss: Tensor<B, 1>) -> GradientsParams {
         let model = self.model;
         let mut sum = GradientsAccumulator::<CausalLm<B>>::new();
         let grads = loss.backward();
@@ -152,7 +158,7 @@ impl<B: AutodiffBackend> CheckpointedScores<'_, B> {
             let lookups = [(Some(&self.rows.inputs), d_rows), (self.prefix.as_ref().map(|p| &p.inputs), d_prefix)];
             for (inputs, d) in lookups {
                 if let (Some(inputs), Some(d)) = (inputs, d) {
-                    let surrogate = (model.embed_tokens.forward(inputs.ids.clone()) * d).sum();
+                    let surrogate = (crate::lean_embedding::lookup(&model.embed_tokens, inputs.ids.clone()) * d).sum();
                     sum.accumulate(model, GradientsParams::from_grads(surrogate.backward(), model));
                 }
             }

@@ -37,7 +37,7 @@ pub(crate) const MAX_ROWS: usize = 32;
 mod imp;
 
 #[cfg(all(feature = "flex", target_arch = "x86_64"))]
-pub(crate) use imp::{attention, attention_backward, attention_forward, contiguous, keep_sequences, matmul_few_rows, matmul_gemm, rope, rope_backward, swiglu, swiglu_backward, target_logprobs, target_logprobs_backward, write_positions, writes_in_place};
+pub(crate) use imp::{attention, attention_backward, attention_forward, contiguous, embedding_grad, keep_sequences, matmul_few_rows, matmul_gemm, rope, rope_backward, swiglu, swiglu_backward, target_logprobs, target_logprobs_backward, transposed, write_positions, writes_in_place};
 
 #[cfg(test)]
 pub(crate) use imp::available;
@@ -61,6 +61,14 @@ mod imp {
 
     pub(crate) fn matmul_gemm<B: Backend>(_: &Tensor<B, 2>, _: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
         None
+    }
+
+    pub(crate) fn transposed<B: Backend>(_: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
+        None
+    }
+
+    pub(crate) fn embedding_grad<B: Backend>(existing: Option<Tensor<B, 2>>, _: &Tensor<B, 2>, _: &[usize], _: usize) -> Result<Tensor<B, 2>, Option<Tensor<B, 2>>> {
+        Err(existing)
     }
 
     pub(crate) fn contiguous<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, D> {
@@ -129,7 +137,7 @@ mod imp {
 }
 
 #[cfg(not(all(feature = "flex", target_arch = "x86_64")))]
-pub(crate) use imp::{attention, attention_backward, attention_forward, contiguous, keep_sequences, matmul_few_rows, matmul_gemm, rope, rope_backward, swiglu, swiglu_backward, target_logprobs, target_logprobs_backward, write_positions, writes_in_place};
+pub(crate) use imp::{attention, attention_backward, attention_forward, contiguous, embedding_grad, keep_sequences, matmul_few_rows, matmul_gemm, rope, rope_backward, swiglu, swiglu_backward, target_logprobs, target_logprobs_backward, transposed, write_positions, writes_in_place};
 
 /// Runs `f` — a forward pass, many parallel kernels in a row — on one of rayon's worker
 /// threads, when `B` is the CPU backend (plain or autodiff) and the caller is not a worker
@@ -154,8 +162,54 @@ pub(crate) fn on_workers<B: burn::tensor::backend::Backend, R: Send>(f: impl FnO
     rayon::scope(|_| f())
 }
 
+/// Runs `f` — a backward pass — on a rayon pool kept for backward passes alone, when `B` is
+/// the CPU training backend, the caller is no pool's worker and no other thread's backward
+/// pass holds that pool; otherwise on the caller's thread, as before. From outside a pool,
+/// each of a backward pass's ~1,000 parallel kernels (a 30-layer model) puts the caller to
+/// sleep and wakes a worker, then the caller again: on 2 cores ~8 % of a 1×128 training
+/// step's samples were the scheduler's. [`on_workers`]'s pool cannot take backward passes
+/// (see there): there a worker waiting inside one could take up another thread's queued
+/// forward, whose clean-up locks every graph, this one's included. This pool only ever
+/// holds one backward pass (the `try_lock`) and the kernels it splits, so nothing of
+/// another thread can be queued behind its graph's lock. Same thread count as the main
+/// pool, so every kernel splits its work alike and the gradients keep their bits (tested).
+#[cfg(feature = "flex")]
+pub(crate) fn on_backward_workers<B: burn::tensor::backend::Backend, R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    use std::any::TypeId;
+    use std::sync::{Mutex, OnceLock, TryLockError};
+    static POOL: OnceLock<Option<(Mutex<()>, rayon::ThreadPool)>> = OnceLock::new();
+    if TypeId::of::<B>() != TypeId::of::<crate::CpuTrainBackend>() || rayon::current_thread_index().is_some() {
+        return f();
+    }
+    let pool = POOL.get_or_init(|| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(rayon::current_num_threads())
+            .thread_name(|i| format!("thinkjson-backward-{i}"))
+            // The stack of a main thread, where backward passes ran before (a worker's
+            // default is 2 MiB; reserved, touched only as used).
+            .stack_size(8 << 20)
+            .build()
+            .ok()
+            .map(|pool| (Mutex::new(()), pool))
+    });
+    let Some((lock, pool)) = pool else { return f() };
+    let _held = match lock.try_lock() {
+        Ok(guard) => guard,
+        // A pass that panicked in the pool left it free: the guard only marks it taken.
+        Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+        Err(TryLockError::WouldBlock) => return f(),
+    };
+    pool.install(f)
+}
+
 /// Without the Flex backend there are no kernels of ours to gather onto the workers.
 #[cfg(not(feature = "flex"))]
 pub(crate) fn on_workers<B: burn::tensor::backend::Backend, R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    f()
+}
+
+/// Without the Flex backend there is no pool of ours to run backward passes on.
+#[cfg(not(feature = "flex"))]
+pub(crate) fn on_backward_workers<B: burn::tensor::backend::Backend, R: Send>(f: impl FnOnce() -> R + Send) -> R {
     f()
 }

@@ -9,7 +9,7 @@ use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, DType, Int, Tensor};
 
-use crate::lean_attention::causal_attention;
+use crate::lean_attention::{causal_attention, repeat_kv};
 use crate::lora::LoraAdapter;
 
 /// RMSNorm computed like HF's: normalise in f32, cast back, then scale.
@@ -342,13 +342,12 @@ impl<B: Backend> Attention<B> {
             }
         };
         let keys = k.dims()[2];
-        let k = repeat_kv(k, h / kv);
-        let v = repeat_kv(v, h / kv);
         let out = match mask {
             Some(m) => {
                 let mask = Some(m.clone().expand([b, h, s, keys]));
-                attention(q, k, v, mask, None, AttentionModuleOptions::default())
+                attention(q, repeat_kv(k, h / kv), repeat_kv(v, h / kv), mask, None, AttentionModuleOptions::default())
             }
+            // Each query head reads its KV head in place where the training kernels run.
             None => causal_attention(q, k, v),
         };
         merge_heads(out)
@@ -399,17 +398,6 @@ fn grouped_attention<B: Backend>(
         start += n;
     }
     out.reshape([b, h, s, d])
-}
-
-/// Query head `i` reads KV head `i / rep` (HF's `repeat_kv`), not a tiled copy.
-fn repeat_kv<B: Backend>(x: Tensor<B, 4>, rep: usize) -> Tensor<B, 4> {
-    if rep == 1 {
-        return x;
-    }
-    let [b, kv, s, d] = x.dims();
-    x.unsqueeze_dim::<5>(2)
-        .expand([b, kv, rep, s, d])
-        .reshape([b, kv * rep, s, d])
 }
 
 /// One pre-norm decoder block.

@@ -37,7 +37,8 @@ use burn::tensor::{Bool, Tensor, TensorData, TensorPrimitive};
 const BLOCK_ELEMENTS: usize = 16 << 20;
 
 /// `softmax(q kᵀ / √d + causal mask) v` for q `[batch, heads, queries, head_dim]` and k, v
-/// `[batch, heads, keys, head_dim]` (repeated to the query heads), the queries being the last
+/// `[batch, kv_heads, keys, head_dim]` (query head `i` reads KV head `i / (heads / kv_heads)`;
+/// the training kernels read it in place, every other path repeats it), the queries being the last
 /// `queries` of the `keys` positions (after a cached prefix). Same values as the fused kernel
 /// on every backend; on the CPU training backend the backward pass keeps no
 /// `queries × keys` tensor.
@@ -48,16 +49,40 @@ pub(crate) fn causal_attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: 
     }
 }
 
+/// burn's fused attention, its KV heads repeated to the query heads first.
 fn fused<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Tensor<B, 4> {
+    let rep = q.dims()[1] / k.dims()[1].max(1);
     let options = AttentionModuleOptions { is_causal: true, ..Default::default() };
-    attention(q, k, v, None, None, options)
+    attention(q, repeat_kv(k, rep), repeat_kv(v, rep), None, None, options)
+}
+
+/// Query head `i` reads KV head `i / rep` (HF's `repeat_kv`): `[b, kv, s, d]` as
+/// `[b, kv · rep, s, d]`.
+pub(crate) fn repeat_kv<B: Backend>(x: Tensor<B, 4>, rep: usize) -> Tensor<B, 4> {
+    if rep <= 1 {
+        return x;
+    }
+    let [b, kv, s, d] = x.dims();
+    x.unsqueeze_dim::<5>(2).expand([b, kv, rep, s, d]).reshape([b, kv * rep, s, d])
+}
+
+/// The gradient of [`repeat_kv`]'s input from its output's: each KV head's query heads
+/// summed in order, as burn's autodiff sums an expanded dimension (from zero, so the bits
+/// are those of the repeated path).
+fn sum_groups<B: Backend>(g: Tensor<B, 4>, kv: usize) -> Tensor<B, 4> {
+    let [b, h, s, d] = g.dims();
+    if kv == h {
+        return g;
+    }
+    g.reshape([b, kv, h / kv, s, d]).sum_dim(2).reshape([b, kv, s, d])
 }
 
 /// burn's fused CPU kernel computes the (batch, head) pairs one after another on one thread.
 /// Each pair is computed alone (its own scratch; the tiling depends on the lengths only), so
 /// handing the pairs to rayon's threads gives the same bits in less time.
 fn fused_by_heads<I: Backend>(q: Tensor<I, 4>, k: Tensor<I, 4>, v: Tensor<I, 4>) -> Tensor<I, 4> {
-    let inputs = [q, k, v];
+    let rep = q.dims()[1] / k.dims()[1].max(1);
+    let inputs = [q, repeat_kv(k, rep), repeat_kv(v, rep)];
     let [out] = by_heads(&inputs, |[q, k, v]| [fused(q, k, v)]).unwrap_or_else(|| {
         let [q, k, v] = inputs;
         [fused(q, k, v)]
@@ -151,11 +176,13 @@ impl<I: Backend> Backward<I, 3> for RecomputedAttention {
         // own ops on its own rows, with the same query blocks.
         let [dq, dk, dv] = crate::cpu_kernels::attention_backward(&q, &k, &v, &d_out).unwrap_or_else(|| {
             let block = self.block;
-            let inputs = [q, k, v, d_out];
-            by_heads(&inputs, |[q, k, v, d_out]| recomputed_grads(q, k, v, d_out, block)).unwrap_or_else(|| {
+            let (h, kv) = (q.dims()[1], k.dims()[1]);
+            let inputs = [q, repeat_kv(k, h / kv), repeat_kv(v, h / kv), d_out];
+            let [dq, dk, dv] = by_heads(&inputs, |[q, k, v, d_out]| recomputed_grads(q, k, v, d_out, block)).unwrap_or_else(|| {
                 let [q, k, v, d_out] = inputs;
                 recomputed_grads(q, k, v, d_out, block)
-            })
+            });
+            [dq, sum_groups(dk, kv), sum_groups(dv, kv)]
         });
         let [pq, pk, pv] = ops.parents;
         for (parent, grad) in [(pq, dq), (pk, dk), (pv, dv)] {
@@ -325,6 +352,35 @@ mod tests {
                 let size = reference[i].clone().abs().max().into_scalar();
                 assert!(diff <= 1e-5 * size.max(1.0), "{b}×{h}×{s}×{keys}×{d}: {what} differs by {diff} (largest {size})");
                 assert!(bits(&one[i]) == bits(&two[i]), "{b}×{h}×{s}×{keys}×{d}: {what} on two threads");
+            }
+        }
+    }
+
+    /// Grouped KV heads read in place give the bits of the same heads repeated to the query
+    /// heads (the path before): output, dQ, and dK, dV summed over each group. SmolLM2's
+    /// 9 query heads on 3 KV heads at a training length, a cached prefix, two sequences,
+    /// KV heads as the strided view a layer hands over; on the kernels and, where they do
+    /// not run, on burn's ops.
+    #[test]
+    fn grouped_heads_give_the_repeated_heads_bits() {
+        let device = Default::default();
+        let bits = |t: Tensor<CpuBackend, 4>| t.into_data().to_vec::<f32>().unwrap_or_default().iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for (b, h, kv, s, keys, d) in [(1, 9, 3, 128, 128, 64), (2, 4, 2, 21, 50, 8), (1, 6, 1, 70, 70, 16)] {
+            let random = |shape: [usize; 4]| Tensor::<CpuBackend, 4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+            let inputs = [random([b, s, h, d]), random([b, keys, kv, d]), random([b, keys, kv, d]), random([b, h, s, d])];
+            let run = |grouped: bool| {
+                let leaf = |i: usize| Tensor::<T, 4>::from_inner(inputs[i].clone()).require_grad();
+                let (q, k, v) = (leaf(0), leaf(1), leaf(2));
+                let heads = |t: &Tensor<T, 4>| t.clone().swap_dims(1, 2);
+                let (kh, vh) = if grouped { (heads(&k), heads(&v)) } else { (repeat_kv(heads(&k), h / kv), repeat_kv(heads(&v), h / kv)) };
+                let out = lean::<T, CpuBackend>(heads(&q), kh, vh, None).unwrap_or_else(|_| panic!("not the training backend"));
+                let grads = out.clone().mul(Tensor::from_inner(inputs[3].clone())).sum().backward();
+                let g = |t: &Tensor<T, 4>| bits(t.grad(&grads).unwrap_or_else(|| panic!("no gradient")));
+                [bits(out.inner()), g(&q), g(&k), g(&v)]
+            };
+            let (grouped, repeated) = (run(true), run(false));
+            for (i, what) in ["output", "dq", "dk", "dv"].into_iter().enumerate() {
+                assert!(!grouped[i].is_empty() && grouped[i] == repeated[i], "{b}×{h}/{kv}×{s}×{keys}×{d}: {what}");
             }
         }
     }

@@ -40,6 +40,7 @@ pub mod gguf;
 mod cpu_kernels;
 mod layers;
 mod lean_attention;
+mod lean_embedding;
 mod lean_linear;
 mod lean_logprobs;
 mod lean_mlp;

@@ -521,9 +521,9 @@ impl<B: Backend> CausalLm<B> {
                 }
                 let flat = flat.transpose();
                 let logits = crate::cpu_kernels::matmul_gemm(&embed, &flat)
-                    .or_else(|| crate::lean_linear::matmul(&embed, &flat))
-                    .unwrap_or_else(|| embed.matmul(flat))
-                    .transpose();
+                    .map(Tensor::transpose)
+                    .or_else(|| crate::lean_linear::matmul_transposed(&embed, &flat))
+                    .unwrap_or_else(|| embed.matmul(flat).transpose());
                 logits.reshape([b, s, self.config.vocab_size])
             }
         }
@@ -563,7 +563,7 @@ impl<B: Backend> CausalLm<B> {
     ) -> Result<Tensor<B, 3>> {
         let inputs = self.pass_inputs(batch, past_valid, next_pos)?;
         Ok(crate::cpu_kernels::on_workers::<B, _>(|| {
-            let mut x = self.embed_tokens.forward(inputs.ids);
+            let mut x = crate::lean_embedding::lookup(&self.embed_tokens, inputs.ids);
             for (i, layer) in self.layers.iter().enumerate() {
                 let slot = caches.as_deref_mut().and_then(|c| c.get_mut(i));
                 x = layer.forward(x, &inputs.rope, inputs.mask.as_ref(), slot);

@@ -364,7 +364,7 @@ fn train_step<B: AutodiffBackend>(
                 return Err(SftError::NonFinite { step, what: "loss", value });
             }
             loss_total += value;
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            let grads = GradientsParams::from_grads(thinkjson_model::train::backward(loss), &model);
             accumulator.accumulate(&model, grads);
         }
         let tokens: usize = batches.iter().map(MicroBatch::input_tokens).sum();

@@ -141,6 +141,17 @@ fn tensor_layouts_stay_inside_model() {
     assert!(problems.is_empty(), "tensor layout code outside `model` (ask the model for scores instead):\n{}", problems.join("\n"));
 }
 
+#[test]
+fn backward_passes_go_through_the_model() {
+    // `thinkjson_model::train::backward` runs a pass on the CPU training backend's pool of its
+    // own; a plain `loss.backward()` wakes its caller after each of the pass's parallel kernels.
+    let mut problems = Vec::new();
+    for krate in CRATES.iter().filter(|k| **k != "model") {
+        problems.extend(offending_lines(krate, &[".backward()"]));
+    }
+    assert!(problems.is_empty(), "call `thinkjson_model::train::backward(loss)` instead:\n{}", problems.join("\n"));
+}
+
 /// The scan can fail: planted violations in a scratch source tree are caught, and comments
 /// are not.
 #[test]

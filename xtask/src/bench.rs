@@ -368,7 +368,7 @@ fn sft_suite(args: &BenchArgs, figures: &mut Vec<Figure>) -> Result<()> {
         for _ in 0..=steps {
             let t = Instant::now();
             let loss = completion_loss(&model, &mb, mb.targets.len(), 512)?;
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            let grads = GradientsParams::from_grads(thinkjson_model::train::backward(loss), &model);
             model = opt.step(1e-4, model, grads)?.0;
             times.push(t.elapsed().as_secs_f64());
         }
@@ -394,7 +394,7 @@ fn train_rate<B: AutodiffBackend>(model: CausalLm<B>, len: usize) -> Result<f64>
     for _ in 0..if len <= 512 { 4 } else { 2 } {
         let t = Instant::now();
         let loss = model.token_logprobs(&batch, &targets, chunk)?.mean().neg();
-        let _grads = loss.backward();
+        let _grads = thinkjson_model::train::backward(loss);
         best = best.min(t.elapsed().as_secs_f64());
     }
     Ok(len as f64 / best)

@@ -232,7 +232,7 @@ fn gpu_memory_mib(index: usize) -> f64 {
         for _ in 0..reps {
             let t = Instant::now();
             let loss = thinkjson_sft::completion_loss(&train, &mb, mb.targets.len(), 2048)?;
-            let grads = GradientsParams::from_grads(loss.backward(), &train);
+            let grads = GradientsParams::from_grads(thinkjson_model::train::backward(loss), &train);
             train = opt.step(1e-5, train, grads)?.0;
             times.push(t.elapsed().as_secs_f64());
         }

@@ -16,11 +16,13 @@ use softmax::{softmax_in_place, softmax_rows};
 pub(crate) use training_attention::QUERY_BLOCK as TRAINING_QUERY_BLOCK;
 pub(crate) use training_attention::{attention_backward, attention_forward};
 pub(crate) use cache::{keep_sequences, write_positions, writes_in_place};
-pub(crate) use gemm_product::matmul_gemm;
+pub(crate) use embedding_grad::embedding_grad;
+pub(crate) use gemm_product::{matmul_gemm, transposed};
 pub(crate) use logprobs::{target_logprobs, target_logprobs_backward};
 pub(crate) use swiglu::{swiglu, swiglu_backward};
 
 mod cache;
+mod embedding_grad;
 mod gemm_product;
 mod logprobs;
 mod projection16;

@@ -4,7 +4,7 @@
 //! optimiser and trainer state for an exact resume).
 //!
 //! The loop a trainer runs:
-//! 1. for each micro-batch, `loss.backward()` and `GradientsParams::from_grads`, summed
+//! 1. for each micro-batch, [`backward`]`(loss)` and `GradientsParams::from_grads`, summed
 //!    with burn's `GradientsAccumulator`;
 //! 2. [`AdamW::step`] with `schedule.lr(step)` — it measures the global norm, refuses
 //!    non-finite gradients, clips and updates;
@@ -21,6 +21,7 @@
 //! one-device group.
 
 mod adamw;
+mod backward;
 mod checkpoint;
 mod collective;
 mod config;
@@ -29,6 +30,7 @@ mod schedule;
 mod session;
 
 pub use adamw::{AdamW, AdamWConfig, StepReport};
+pub use backward::backward;
 pub use checkpoint::{copy_into, read_trainer_state, write_training_state, Checkpoints, OPTIMIZER_FILE, TRAINER_STATE_FILE};
 pub use collective::{agreed_grad_norm, all_reduce_scalar, all_reduce_step, check_in_sync, run_in_process, BurnPeer, Collective, Solo, StepTotals};
 pub use config::TrainSettings;

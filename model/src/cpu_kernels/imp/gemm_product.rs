@@ -97,6 +97,20 @@ pub(crate) fn matmul_gemm<B: Backend>(x: &Tensor<B, 2>, w: &Tensor<B, 2>) -> Opt
     tensor_of(y, [m, n])
 }
 
+/// `tᵀ` laid out row-major, for a row-major `[m, n]` `t` (a product's output) on the plain CPU
+/// backend: the parallel copy of [`row_major_of`], where burn's `to_contiguous` of the
+/// transposed view walks it on one thread. `None` elsewhere.
+pub(crate) fn transposed<B: Backend>(t: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
+    let [m, n] = t.dims();
+    let tf = flex(t)?;
+    if m == 0 || n == 0 || !tf.is_contiguous() {
+        return None;
+    }
+    let values = tf.as_slice::<f32>()?;
+    // Row-major [m, n] is [n, m] stored by columns.
+    tensor_of(row_major_of(values, n, m), [n, m])
+}
+
 /// The row-major copy of `t`, an `[m, n]` matrix stored by columns: tiles of 16 columns,
 /// so each pass reads 16 columns of `t` in step and writes whole cache lines of the copy;
 /// spread over rayon's threads when it is large.

@@ -64,15 +64,14 @@ pub(crate) fn attention_forward<B: Backend>(q: &Tensor<B, 4>, k: &Tensor<B, 4>, 
     Some(tensor_of::<B, 4>(out, [b, s, h, d])?.swap_dims(1, 2))
 }
 
-/// `dQ, dK, dV` of [`attention_forward`] given `dO` `[b, h, s, d]`, for k and v repeated to
-/// the query heads (`[b, h, keys, d]`; their gradients are per query head). dQ comes as the
-/// `[b, h, s, d]` view of `[b, s, h, d]`. `None` where it does not apply.
+/// `dQ, dK, dV` of [`attention_forward`] given `dO` `[b, h, s, d]`; dK and dV are
+/// `[b, kv, keys, d]`, each KV head's the sum of its query heads' in head order, from zero —
+/// as burn's autodiff sums the gradient of the KV heads repeated to the query heads, so the
+/// bits are the repeated path's. dQ comes as the `[b, h, s, d]` view of `[b, s, h, d]`.
+/// `None` where it does not apply.
 pub(crate) fn attention_backward<B: Backend>(q: &Tensor<B, 4>, k: &Tensor<B, 4>, v: &Tensor<B, 4>, d_out: &Tensor<B, 4>) -> Option<[Tensor<B, 4>; 3]> {
     let shape = Shape::of(q, k, v, d_out)?;
     let Shape { b, h, kv, s, keys, d } = shape;
-    if kv != h {
-        return None;
-    }
     let tensors = [flex(q)?, flex(k)?, flex(v)?, flex(d_out)?];
     let [qv, kv_, vv, gv] = [&tensors[0], &tensors[1], &tensors[2], &tensors[3]].map(View::of);
     let (views, g) = ([qv?, kv_?, vv?], gv?);
@@ -106,7 +105,22 @@ pub(crate) fn attention_backward<B: Backend>(q: &Tensor<B, 4>, k: &Tensor<B, 4>,
         }
     });
     let dq = tensor_of::<B, 4>(dq, [b, s, h, d])?.swap_dims(1, 2);
-    Some([dq, tensor_of(dk, [b, h, keys, d])?, tensor_of(dv, [b, h, keys, d])?])
+    if kv == h {
+        return Some([dq, tensor_of(dk, [b, h, keys, d])?, tensor_of(dv, [b, h, keys, d])?]);
+    }
+    let (dk, dv) = (sum_groups(&dk, h / kv, keys * d), sum_groups(&dv, h / kv, keys * d));
+    Some([dq, tensor_of(dk, [b, kv, keys, d])?, tensor_of(dv, [b, kv, keys, d])?])
+}
+
+/// Each group of `rep` consecutive `len`-element head gradients summed, from zero, in order.
+fn sum_groups(per_head: &[f32], rep: usize, len: usize) -> Vec<f32> {
+    let mut out = vec![0f32; per_head.len() / rep];
+    out.par_chunks_mut(len).zip(per_head.par_chunks(rep * len)).for_each(|(sum, heads)| {
+        for head in heads.chunks(len) {
+            add(sum, head);
+        }
+    });
+    out
 }
 
 /// One part's share of its pair's dK and dV (the rows of the keys its queries see), and its

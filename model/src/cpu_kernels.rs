@@ -166,8 +166,9 @@ pub(crate) fn on_workers<B: burn::tensor::backend::Backend, R: Send>(f: impl FnO
 /// the CPU training backend, the caller is no pool's worker and no other thread's backward
 /// pass holds that pool; otherwise on the caller's thread, as before. From outside a pool,
 /// each of a backward pass's ~1,000 parallel kernels (a 30-layer model) puts the caller to
-/// sleep and wakes a worker, then the caller again: on 2 cores ~8 % of a 1×128 training
-/// step's samples were the scheduler's. [`on_workers`]'s pool cannot take backward passes
+/// sleep and wakes a worker, then the caller again (on 2 cores the scheduler had ~8 % of a
+/// 1×128 training step's samples; the workers' own sleeps between kernels, much of that,
+/// stay). [`on_workers`]'s pool cannot take backward passes
 /// (see there): there a worker waiting inside one could take up another thread's queued
 /// forward, whose clean-up locks every graph, this one's included. This pool only ever
 /// holds one backward pass (the `try_lock`) and the kernels it splits, so nothing of

@@ -4,10 +4,11 @@
 //! burn's `embedding_backward` zero-fills a `[vocab, hidden]` tensor, copies it whole inside
 //! `select_add` to add each position's row, and the autodiff then adds that to the tied
 //! head's gradient: three passes over 113 MB at SmolLM2's shape (40–60 ms of a ~1.1 s
-//! training pass of 128 tokens, in a probe that ran beside other work) for 128 rows of data. Here each token's rows are
-//! summed as `select_add` sums them (from zero, in position order) and added to the weight's
-//! gradient in place; the other rows get the `0 + g` of burn's addition, which only turns a
-//! `−0` into `+0`. The bits are burn's (tested).
+//! training pass of 128 tokens, in a probe that ran beside other work) for 128 rows of
+//! data. Here each token's rows are summed as `select_add` sums them (from zero, in
+//! position order) and added to the weight's gradient in place; the other rows get the
+//! `0 + g` of burn's addition, which only turns a `−0` into `+0`. The bits are burn's
+//! (tested).
 
 use std::any::Any;
 
